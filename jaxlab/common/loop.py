@@ -64,16 +64,14 @@ class Result:
   graphdef: Any
 
 
-def _tree_copy(tree):
-  return jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, tree)
-
-
 class Trainer:
   """Builds the jitted step and evaluation for a task; :meth:`run` is the loop."""
 
-  def __init__(self, task: Task, cfg, workdir: str, mesh=None, log=print, config_json: str | None = None):
+  def __init__(self, task: Task, cfg, workdir: str, mesh=None, log=print, config_json: str | None = None,
+               stop_at_step: int | None = None):
     self.task, self.cfg, self.workdir, self.log = task, cfg, workdir, log
     self.config_json = config_json
+    self.stop_at_step = stop_at_step
     self.mesh = mesh or mesh_lib.make_data_mesh()
     self.num_steps = int(cfg.num_epochs * task.steps_per_epoch) if cfg.get("num_steps", 0) <= 0 \
         else int(cfg.num_steps)
@@ -95,11 +93,12 @@ class Trainer:
         "params": params,
         "rest": rest,
         "opt_state": self.tx.init(params),
-        "ema": _tree_copy(params) if self.cfg.ema_decay > 0 else {},
-        "best_params": _tree_copy(params),
+        "ema": params if self.cfg.ema_decay > 0 else {},
+        "best_params": params,
         "best_metric": jnp.full((), jnp.inf, jnp.float32),
         "best_step": jnp.zeros((), jnp.int32),
     }
+    # put_replicated makes separate device buffers for params, ema and best_params (needed for donation).
     return mesh_lib.put_replicated(state, self.mesh)
 
   def eval_params(self, state):
@@ -128,6 +127,12 @@ class Trainer:
     model = nnx.merge(self.graphdef, params, rest)
     return self.task.eval_fn(model, batch, key)
 
+  def _update_best(self, state, metric, step):
+    better = metric < state["best_metric"]
+    pick = lambda new, old: jnp.where(better, new, old)
+    return dict(state, best_params=jax.tree.map(pick, self.eval_params(state), state["best_params"]),
+                best_metric=pick(metric, state["best_metric"]), best_step=pick(step, state["best_step"]))
+
   def compile(self, state):
     repl = mesh_lib.replicated(self.mesh)
     data = mesh_lib.batch_sharded(self.mesh)
@@ -135,13 +140,15 @@ class Trainer:
     self.train_step = jax.jit(self._train_step, in_shardings=(state_sh, data), out_shardings=(state_sh, repl),
                               donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, repl, data, repl), out_shardings=repl)
+    self.update_best = jax.jit(self._update_best, in_shardings=(state_sh, repl, repl), out_shardings=state_sh,
+                               donate_argnums=(0,))
 
   def evaluate(self, params, rest, name: str, step: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     key = jax.random.fold_in(jax.random.fold_in(self.base_key, 2**30), step)
     for i, batch in enumerate(self.task.eval_sets[name]()):
       out = self.eval_step(params, rest, mesh_lib.put_global_batch(batch, self.mesh), jax.random.fold_in(key, i))
-      for k, v in jax.device_get(out).items():
+      for k, v in mesh_lib.to_host(out).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     return self.task.finalize(sums)
 
@@ -162,7 +169,7 @@ class Trainer:
       state, _ = checkpointer.restore(state, expect_meta=expect)
       self.log(f"resumed from {checkpointer.directory} at step {latest}")
     self.compile(state)
-    start = int(jax.device_get(state["step"]))
+    start = int(mesh_lib.to_host(state["step"]))
     meta = {"config": config_json, "num_steps": self.num_steps}
 
     progress = metrics_lib.Progress(self.num_steps, start)
@@ -172,14 +179,15 @@ class Trainer:
 
     def drain(p):
       step_done, m = p
-      m = jax.device_get(m)
+      m = mesh_lib.to_host(m)
       bad = {k: float(v) for k, v in m.items() if not math.isfinite(float(v))}
       if bad:
         raise FloatingPointError(
             f"non-finite training loss at step {step_done}: {bad}; the run stops here (last checkpoint kept)")
       return {k: float(v) for k, v in m.items()}
 
-    for step in range(start, self.num_steps):
+    end = self.num_steps if self.stop_at_step is None else min(self.stop_at_step, self.num_steps)
+    for step in range(start, end):
       batch = mesh_lib.put_global_batch(task.train_batch(step) if step else first_batch, self.mesh)
       state, m = self.train_step(state, batch)
       if pending is not None:
@@ -198,33 +206,36 @@ class Trainer:
         pending = None
         val = self.evaluate(self.eval_params(state), state["rest"], "val", done)
         writer.write(done, "eval", **{f"val/{k}": v for k, v in val.items()})
-        metric = val[task.select]
-        if metric < float(jax.device_get(state["best_metric"])):
-          state = dict(state, best_params=_tree_copy(self.eval_params(state)),
-                       best_metric=jnp.asarray(metric, jnp.float32), best_step=jnp.asarray(done, jnp.int32))
-          state = mesh_lib.put_replicated(state, self.mesh)
+        state = self.update_best(state, np.float32(val[task.select]), np.int32(done))
         self.log(f"eval step {done}: " + ", ".join(f"val/{k} {v:.5g}" for k, v in val.items()))
         t_last, s_last = time.perf_counter(), done
-      if done % cfg.checkpoint_every_steps == 0 or done == self.num_steps:
+      if done % cfg.checkpoint_every_steps == 0 or done in (self.num_steps, end):
         if pending is not None:
           drain(pending)
           pending = None
         checkpointer.save(done, state, meta, force=True)
     if pending is not None:
       drain(pending)
+    if end < self.num_steps:
+      checkpointer.close()
+      self.log(f"stopped at step {end} of {self.num_steps}; the same command resumes from here")
+      return Result(end, int(mesh_lib.to_host(state["best_step"])), {}, state, self.graphdef)
 
     results = {}
     for name in task.eval_sets:
       results[name] = self.evaluate(state["best_params"], state["rest"], name, self.num_steps)
       writer.write(self.num_steps, "final", **{f"{name}/{k}": v for k, v in results[name].items()})
-    best_step = int(jax.device_get(state["best_step"]))
+    best_step = int(mesh_lib.to_host(state["best_step"]))
     metrics_lib.write_json_atomic(f"{self.workdir}/results.json",
                                   {"best_step": best_step, "num_steps": self.num_steps, **results})
     checkpointer.close()
     return Result(self.num_steps, best_step, results, state, self.graphdef)
 
 
-def train(task: Task, cfg, workdir: str, mesh=None, log=print, config_json: str | None = None) -> Result:
+def train(task: Task, cfg, workdir: str, mesh=None, log=print, config_json: str | None = None,
+          stop_at_step: int | None = None) -> Result:
   """Trains ``task`` with the loop settings ``cfg`` (a ConfigDict: num_epochs or num_steps, learning_rate,
-  warmup_epochs, weight_decay, grad_clip, ema_decay, eval/log/checkpoint intervals, seed) in ``workdir``."""
-  return Trainer(task, cfg, workdir, mesh=mesh, log=log, config_json=config_json).run()
+  warmup_epochs, weight_decay, grad_clip, ema_decay, eval/log/checkpoint intervals, seed) in ``workdir``.
+
+  ``stop_at_step`` ends this run early with a checkpoint (a time-sliced job); calling again continues it."""
+  return Trainer(task, cfg, workdir, mesh=mesh, log=log, config_json=config_json, stop_at_step=stop_at_step).run()

@@ -79,5 +79,15 @@ def put_global_batch(batch, mesh: jax.sharding.Mesh):
 
 
 def put_replicated(tree, mesh: jax.sharding.Mesh):
+  """Places a host-side pytree on every device; in a multi-process job every process passes the same values."""
   sharding = replicated(mesh)
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+
+def to_host(tree):
+  """Fetches replicated device values to numpy, also when the array spans devices of other processes."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(fetch, tree)

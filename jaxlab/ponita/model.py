@@ -62,8 +62,8 @@ class KernelBasis(nnx.Module):
     poly, poly_vjp = jax.vjp(lambda a: geometry.polynomial_features(a, self.degree), attr)
     z1 = self.linear_in(poly)
     z2 = self.linear_out(gelu(z1))
-    w_in = self.linear_in.kernel.value.astype(z1.dtype)
-    w_out = self.linear_out.kernel.value.astype(z2.dtype)
+    w_in = self.linear_in.kernel[...].astype(z1.dtype)
+    w_out = self.linear_out.kernel[...].astype(z2.dtype)
 
     def pullback(g_basis):
       g_h1 = (g_basis * gelu_grad(z2)) @ w_out.T
@@ -94,7 +94,7 @@ class SeparableConv(nnx.Module):
     x1 = jnp.sum(k1_BxNxNxOxC * x_BxNxOxC[:, None], axis=2)
     if calibrate:
       scale = _masked_std(x_BxNxOxC, node_mask_BxN) / _masked_std(x1, node_mask_BxN)
-      self.spatial_kernel.kernel.value = self.spatial_kernel.kernel.value * scale
+      self.spatial_kernel.kernel[...] = self.spatial_kernel.kernel[...] * scale
       x1 = x1 * scale
     if self.fiber_kernel is not None:
       k2_OxOxC = self.fiber_kernel(fiber_basis_OxOxK)
@@ -102,11 +102,11 @@ class SeparableConv(nnx.Module):
       x2 = jnp.einsum("bnoc,poc->bnpc", x1, k2_OxOxC) / num_ori
       if calibrate:
         scale = _masked_std(x1, node_mask_BxN) / _masked_std(x2, node_mask_BxN)
-        self.fiber_kernel.kernel.value = self.fiber_kernel.kernel.value * scale
+        self.fiber_kernel.kernel[...] = self.fiber_kernel.kernel[...] * scale
         x2 = x2 * scale
     else:
       x2 = x1
-    return x2 + self.bias.value.astype(x2.dtype)
+    return x2 + self.bias[...].astype(x2.dtype)
 
 
 class ConvNextBlock(nnx.Module):
@@ -123,7 +123,7 @@ class ConvNextBlock(nnx.Module):
     y = self.conv(x, spatial_basis, fiber_basis, node_mask, calibrate)
     y = self.linear_2(gelu(self.linear_1(self.norm(y))))
     if self.layer_scale is not None:
-      y = y * self.layer_scale.value.astype(y.dtype)
+      y = y * self.layer_scale[...].astype(y.dtype)
     return x + y
 
 
@@ -164,7 +164,7 @@ class Ponita(nnx.Module):
   def orientations(self, grid_rotation_Bx3x3=None, node_ori_BxNx3=None):
     """The orientations each node's fibre is sampled at: ``[O,3]``, ``[B,O,3]`` (rotated grid) or ``[B,N,1,3]``."""
     if self.mode == "fiber_bundle":
-      grid = self.grid.value
+      grid = self.grid[...]
       if grid_rotation_Bx3x3 is not None:
         grid = jnp.einsum("bxy,oy->box", grid_rotation_Bx3x3, grid)
       return grid
@@ -191,7 +191,7 @@ class Ponita(nnx.Module):
   def fiber_basis_value(self):
     if self.mode != "fiber_bundle":
       return None
-    return self.fiber_basis(geometry.fiber_attributes(self.grid.value).astype(self.dtype))
+    return self.fiber_basis(geometry.fiber_attributes(self.grid[...]).astype(self.dtype))
 
   def bases(self, pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3=None, node_ori_BxNx3=None):
     """Spatial basis ``[B,N,N,O,K]`` (zero on padded pairs and beyond the radius) and fibre basis ``[O,O,K]``."""

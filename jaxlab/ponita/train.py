@@ -261,8 +261,12 @@ def qm9_task(config, workdir: str) -> loop.Task:
 TASKS = {"nbody": nbody_task, "rmd17": rmd17_task, "qm9": qm9_task}
 
 
-def train_and_evaluate(config, workdir: str) -> loop.Result:
+def build_task(config, workdir: str) -> loop.Task:
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {config.task!r}")
-  task = TASKS[config.task](config, workdir)
-  return loop.train(task, config.train, workdir, config_json=json.dumps(config.to_dict(), sort_keys=True))
+  return TASKS[config.task](config, workdir)
+
+
+def train_and_evaluate(config, workdir: str, mesh=None, stop_at_step: int | None = None) -> loop.Result:
+  return loop.train(build_task(config, workdir), config.train, workdir, mesh=mesh,
+                    config_json=json.dumps(config.to_dict(), sort_keys=True), stop_at_step=stop_at_step)
