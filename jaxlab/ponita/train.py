@@ -89,14 +89,8 @@ def nbody_arrays(split: dict) -> dict:
           "node_mask": np.ones(split["pos"].shape[:2], bool), "target": split["target"]}
 
 
-def nbody_task(config, workdir: str) -> loop.Task:
-  dcfg, mcfg, tcfg = config.data, config.model, config.train
-  path = nbody_dir(config, workdir)
-  splits = {"train": data_lib.load_nbody(path, "train", dcfg.suffix, max_samples=dcfg.max_train),
-            "val": data_lib.load_nbody(path, "valid", dcfg.suffix, max_samples=dcfg.max_eval),
-            "test": data_lib.load_nbody(path, "test", dcfg.suffix, max_samples=dcfg.max_eval)}
-  train = ArrayDataset(nbody_arrays(splits["train"]), tcfg.batch_size, seed=tcfg.seed, name="nbody train")
-  evals = {k: ArrayDataset(nbody_arrays(splits[k]), tcfg.eval_batch_size, name=f"nbody {k}") for k in ("val", "test")}
+def nbody_objectives(mcfg, tcfg):
+  """Loss (MSE of predicted positions, with rotation augmentation) and evaluation sums for N-body."""
 
   def predict(model, batch, key, augment):
     pos, vel, target = batch["pos"], batch["vectors"][:, :, 0], batch["target"]
@@ -121,6 +115,19 @@ def nbody_task(config, workdir: str) -> loop.Task:
     w = batch["example_mask"].astype(jnp.float32)
     return {"sq_err": jnp.sum(per_sample_mse(pred, target, batch["node_mask"]) * w), "count": jnp.sum(w)}
 
+  return loss_fn, eval_fn
+
+
+def nbody_task(config, workdir: str) -> loop.Task:
+  dcfg, mcfg, tcfg = config.data, config.model, config.train
+  path = nbody_dir(config, workdir)
+  splits = {"train": data_lib.load_nbody(path, "train", dcfg.suffix, max_samples=dcfg.max_train),
+            "val": data_lib.load_nbody(path, "valid", dcfg.suffix, max_samples=dcfg.max_eval),
+            "test": data_lib.load_nbody(path, "test", dcfg.suffix, max_samples=dcfg.max_eval)}
+  train = ArrayDataset(nbody_arrays(splits["train"]), tcfg.batch_size, seed=tcfg.seed, name="nbody train")
+  evals = {k: ArrayDataset(nbody_arrays(splits[k]), tcfg.eval_batch_size, name=f"nbody {k}") for k in ("val", "test")}
+
+  loss_fn, eval_fn = nbody_objectives(mcfg, tcfg)
   return loop.Task(
       init_model=model_factory(mcfg, num_scalar_in=1, num_vector_in=1, num_scalar_out=0, num_vector_out=1,
                                global_pool=False),
@@ -142,21 +149,9 @@ def rmd17_arrays(split: dict, charges: np.ndarray, stats: dict) -> dict:
           "forces": (split["forces"] / stats["force_rms"]).astype(np.float32)}
 
 
-def rmd17_task(config, workdir: str) -> loop.Task:
-  dcfg, mcfg, tcfg = config.data, config.model, config.train
-  raw = data_lib.load_rmd17(resolve_data_dir(config.data_dir), dcfg.molecule, dcfg.split_style, dcfg.split_index)
-  if raw["nuclear_charges"].max() >= RMD17_NUM_ELEMENTS:
-    raise ValueError(f"rMD17 {dcfg.molecule}: atomic numbers above {RMD17_NUM_ELEMENTS - 1} are not supported")
-  stats = data_lib.rmd17_stats(raw["train"])
-  arrays = {k: rmd17_arrays(raw[k], raw["nuclear_charges"], stats) for k in ("train", "val", "test")}
-  if dcfg.max_train:
-    arrays["train"] = {k: v[:dcfg.max_train] for k, v in arrays["train"].items()}
-  if dcfg.max_eval:
-    arrays["val"] = {k: v[:dcfg.max_eval] for k, v in arrays["val"].items()}
-    arrays["test"] = {k: v[:dcfg.max_eval] for k, v in arrays["test"].items()}
-  train = ArrayDataset(arrays["train"], tcfg.batch_size, seed=tcfg.seed, name="rmd17 train")
-  evals = {k: ArrayDataset(arrays[k], tcfg.eval_batch_size, name=f"rmd17 {k}") for k in ("val", "test")}
-  scale = stats["force_rms"] * data_lib.KCAL_TO_MEV  # model units -> meV (energy) and meV/Å (forces)
+def rmd17_objectives(mcfg, tcfg):
+  """Loss ``MSE_E / force_weight + MSE_F`` on scaled targets (rotation augmentation) and evaluation sums
+  (with ``test_rotations`` > 0: the mean prediction over that many random rotations)."""
 
   def energy_forces(model, batch, rot, k_grid):
     pos = batch["pos"] if rot is None else rotate(rot, batch["pos"])
@@ -187,6 +182,27 @@ def rmd17_task(config, workdir: str) -> loop.Task:
     return {"energy_abs_err": jnp.sum(jnp.abs(e - batch["energy"]) * w), "count": jnp.sum(w),
             "force_abs_err": jnp.sum(jnp.sum(jnp.abs(f - batch["forces"]), -1) * atom),
             "force_count": 3.0 * jnp.sum(atom)}
+
+  return loss_fn, eval_fn
+
+
+def rmd17_task(config, workdir: str) -> loop.Task:
+  dcfg, mcfg, tcfg = config.data, config.model, config.train
+  raw = data_lib.load_rmd17(resolve_data_dir(config.data_dir), dcfg.molecule, dcfg.split_style, dcfg.split_index)
+  if raw["nuclear_charges"].max() >= RMD17_NUM_ELEMENTS:
+    raise ValueError(f"rMD17 {dcfg.molecule}: atomic numbers above {RMD17_NUM_ELEMENTS - 1} are not supported")
+  stats = data_lib.rmd17_stats(raw["train"])
+  arrays = {k: rmd17_arrays(raw[k], raw["nuclear_charges"], stats) for k in ("train", "val", "test")}
+  if dcfg.max_train:
+    arrays["train"] = {k: v[:dcfg.max_train] for k, v in arrays["train"].items()}
+  if dcfg.max_eval:
+    arrays["val"] = {k: v[:dcfg.max_eval] for k, v in arrays["val"].items()}
+    arrays["test"] = {k: v[:dcfg.max_eval] for k, v in arrays["test"].items()}
+  train = ArrayDataset(arrays["train"], tcfg.batch_size, seed=tcfg.seed, name="rmd17 train")
+  evals = {k: ArrayDataset(arrays[k], tcfg.eval_batch_size, name=f"rmd17 {k}") for k in ("val", "test")}
+  scale = stats["force_rms"] * data_lib.KCAL_TO_MEV  # model units -> meV (energy) and meV/Å (forces)
+
+  loss_fn, eval_fn = rmd17_objectives(mcfg, tcfg)
 
   def finalize(s):
     return {"energy_mae_mev": s["energy_abs_err"] / s["count"] * scale,
