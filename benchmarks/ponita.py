@@ -83,7 +83,7 @@ def build(workload: str, dtype: str = "float32"):
   return config, task, batch
 
 
-def run_jax(workload: str, iters: int, dtype: str = "float32") -> list[dict]:
+def run_jax(workload: str, iters: int, dtype: str = "float32", profile_dir: str = "") -> list[dict]:
   config, task, batch = build(workload, dtype)
   with tempfile.TemporaryDirectory() as tmp:
     trainer = loop.Trainer(task, config.train, tmp)
@@ -96,6 +96,12 @@ def run_jax(workload: str, iters: int, dtype: str = "float32") -> list[dict]:
   train = timing.time_jitted(trainer._train_step, (state, dev_batch), carry=True, iters=iters,
                              examples_per_call=config.train.batch_size, jit_kwargs={"donate_argnums": (0,)})
   records.append({**base, "what": "train_step", **train})
+  if profile_dir:
+    state = trainer.init_state(calibrate_batch=batch)
+    compiled = jax.jit(trainer._train_step, donate_argnums=(0,)).lower(state, dev_batch).compile()
+    state, _ = compiled(state, dev_batch)
+    prof = timing.profile(compiled, (state, dev_batch), os.path.join(profile_dir, f"{workload}_{dtype}"), carry=True)
+    records.append({**base, "what": "train_step_profile", **prof})
   state = trainer.init_state(calibrate_batch=None)
   key = jax.random.key(0)
   infer = timing.time_jitted(lambda p, r, b: trainer._eval_step(p, r, b, key), (state["params"], state["rest"],
@@ -120,12 +126,13 @@ def main(out: str | None = None, argv: list[str] | None = None) -> list[dict]:
   ap.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16")
   ap.add_argument("--torch-python", default=os.environ.get("JAXLAB_TORCH_PYTHON", ""),
                   help="a python with torch: also time the PyTorch port of the reference in this run")
+  ap.add_argument("--profile-dir", default="", help="also trace the training step and sum time per op class")
   ap.add_argument("--out", default=out)
   args = ap.parse_args(argv)
   records = []
   for workload in args.workloads.split(","):
     for dtype in args.dtypes.split(","):
-      records += run_jax(workload, args.iters, dtype)
+      records += run_jax(workload, args.iters, dtype, args.profile_dir)
     if args.torch_python:
       records += run_torch(args.torch_python, workload, args.iters)
   for r in records:
@@ -140,9 +147,15 @@ def print_table(records: list[dict]) -> None:
   print(f"{'workload':8s} {'impl':12s} {'dtype':8s} {'what':26s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} "
         f"{'compile s':>9s} {'ex/s':>8s}")
   for r in records:
+    if "step_ms_median" not in r:
+      continue
     print(f"{r['workload']:8s} {r.get('impl', ''):12s} {r.get('dtype', 'float32'):8s} {r['what']:26s} "
           f"{r['step_ms_median']:10.1f} {r['step_ms_p10']:8.1f} {r['step_ms_p90']:8.1f} "
           f"{r.get('compile_s', float('nan')):9.2f} {r.get('examples_per_s', float('nan')):8.1f}")
+  for r in records:
+    if r["what"] == "train_step_profile":
+      classes = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(r["op_ms_per_step"].items(), key=lambda kv: -kv[1]))
+      print(f"{r['workload']} profile of one training step (op time, may overlap): {classes}")
   jax_train = {r["workload"]: r for r in records if r.get("impl") == "jaxlab" and r["what"] == "train_step"
                and r.get("dtype") == "float32"}
   for r in records:

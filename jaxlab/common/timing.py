@@ -73,3 +73,46 @@ def append_jsonl(path: str, record: dict) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
+
+
+def profile(compiled, args: tuple, trace_dir: str, *, carry: bool = False, steps: int = 3) -> dict[str, Any]:
+  """Runs ``steps`` calls of a compiled function under ``jax.profiler`` and sums device time per op class.
+
+  Classes: ``matmul`` (ops whose computation contains a dot), ``transpose_copy`` (copy/transpose fusions that
+  move data into another layout), ``other`` (elementwise and reductions). Works on CPU without TensorFlow.
+  """
+  import glob
+  import gzip
+  import re
+  text = compiled.as_text()
+  calls = dict(re.findall(r"%([\w.\-]+) = [^\n]*?calls=%([\w.\-]+)", text))
+  bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S)}
+  shapes = dict(re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])", text))
+
+  def kind(name):
+    body = bodies.get(calls.get(name, ""), "")
+    if " dot(" in body or name.startswith("dot"):
+      return "matmul"
+    if name.startswith(("copy", "transpose")):
+      return "transpose_copy"
+    return "other"
+
+  args = list(args)
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      out = compiled(*args)
+      jax.block_until_ready(out)
+      if carry:
+        args[0] = out[0]
+  path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
+  events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X" and e["name"] in shapes]
+  per_class: dict[str, float] = {}
+  per_op: dict[str, float] = {}
+  for e in events:
+    ms = e["dur"] / 1e3 / steps
+    per_class[kind(e["name"])] = per_class.get(kind(e["name"]), 0.0) + ms
+    per_op[e["name"]] = per_op.get(e["name"], 0.0) + ms
+  top = sorted(per_op.items(), key=lambda kv: -kv[1])[:12]
+  return {"op_ms_per_step": per_class, "op_ms_total": sum(per_class.values()),
+          "top_ops": [{"op": k, "kind": kind(k), "shape": shapes[k], "ms": v} for k, v in top],
+          "trace": path}

@@ -19,7 +19,7 @@ from jaxlab.common import loop
 from jaxlab.common.data import ArrayDataset
 from jaxlab.ponita import data as data_lib
 from jaxlab.ponita import geometry
-from jaxlab.ponita.model import Ponita, calibrate, count_params
+from jaxlab.ponita.model import Ponita, calibrate
 
 GRID_ROTATIONS = ("none", "random_per_graph")
 
@@ -84,7 +84,6 @@ def nbody_dir(config, workdir: str) -> Path:
 
 
 def nbody_arrays(split: dict) -> dict:
-  n = split["pos"].shape[1]
   return {"pos": split["pos"], "scalars": split["charges"], "vectors": split["vel"][:, :, None, :],
           "node_mask": np.ones(split["pos"].shape[:2], bool), "target": split["target"]}
 

@@ -235,3 +235,12 @@ def test_calibration_equalises_conv_output_scale():
   x2 = jnp.einsum("bnoc,poc->bnpc", x1, conv.fiber_kernel(fiber)) / x1.shape[2]
   np.testing.assert_allclose(float(jnp.std(x1, ddof=1)), float(jnp.std(x, ddof=1)), rtol=1e-3)
   np.testing.assert_allclose(float(jnp.std(x2, ddof=1)), float(jnp.std(x1, ddof=1)), rtol=1e-3)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  pos, z, mask = molecule_batch()
+  e32, f32 = small_model().energy_and_forces(pos, z, None, mask)
+  e16, f16 = small_model(dtype=jnp.bfloat16).energy_and_forces(pos, z, None, mask)
+  assert e16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(f16)))
+  assert rel_err(e16, e32) < 5e-2
+  assert rel_err(f16, f32) < 1e-1
