@@ -95,6 +95,7 @@ class SeparableConv(nnx.Module):
 
   def __call__(self, x_BxNxOxC, spatial_basis_BxNxNxOxK, fiber_basis_OxOxK, node_mask_BxN, calibrate=False):
     k1_BxNxNxOxC = self.spatial_kernel(spatial_basis_BxNxNxOxK)
+    x_BxNxOxC = x_BxNxOxC * node_mask_BxN[:, :, None, None].astype(x_BxNxOxC.dtype)  # padded senders send 0
     # As a contraction rather than multiply-then-sum: XLA:CPU fuses the latter with the kernel matmul into
     # one kernel that runs several times slower than the two steps apart.
     x1 = jnp.einsum("bijoc,bjoc->bioc", k1_BxNxNxOxC, x_BxNxOxC)
@@ -181,7 +182,10 @@ class Ponita(nnx.Module):
     return None
 
   def _geometry(self, pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3=None, node_ori_BxNx3=None):
-    """Spatial attributes ``[B,N,N,O,A]`` and the pair weight ``[B,N,N]`` (mask × optional radial envelope)."""
+    """Spatial attributes ``[B,N,N,O,A]`` and the radial envelope ``[B,N,N]`` (None without a radius).
+
+    Padded nodes need no pair mask here: every conv zeroes padded senders, so they reach no real node.
+    """
     rel = geometry.relative_positions(pos_BxNx3)
     if self.mode == "fiber_bundle":
       attr = geometry.fiber_bundle_spatial_attributes(rel, self.orientations(grid_rotation_Bx3x3))
@@ -189,10 +193,10 @@ class Ponita(nnx.Module):
       attr = geometry.point_cloud_attributes(rel, self.orientations(None, node_ori_BxNx3)[:, :, 0])
     else:
       attr = geometry.position_attributes(rel)
-    pair = (node_mask_BxN[:, :, None] & node_mask_BxN[:, None, :]).astype(jnp.float32)
+    envelope = None
     if self.radius is not None:
-      pair = pair * geometry.polynomial_envelope(geometry.safe_norm(rel) / self.radius)
-    return attr.astype(self.dtype), pair.astype(self.dtype)
+      envelope = geometry.polynomial_envelope(geometry.safe_norm(rel) / self.radius).astype(self.dtype)
+    return attr.astype(self.dtype), envelope
 
   def fiber_basis_value(self):
     if self.mode != "fiber_bundle":
@@ -200,9 +204,11 @@ class Ponita(nnx.Module):
     return self.fiber_basis(geometry.fiber_attributes(self.grid[...]).astype(self.dtype))
 
   def bases(self, pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3=None, node_ori_BxNx3=None):
-    """Spatial basis ``[B,N,N,O,K]`` (zero on padded pairs and beyond the radius) and fibre basis ``[O,O,K]``."""
-    attr, pair = self._geometry(pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3, node_ori_BxNx3)
-    spatial = self.spatial_basis(attr) * pair[:, :, :, None, None]
+    """Spatial basis ``[B,N,N,O,K]`` (zero beyond the radius) and fibre basis ``[O,O,K]``."""
+    attr, envelope = self._geometry(pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3, node_ori_BxNx3)
+    spatial = self.spatial_basis(attr)
+    if envelope is not None:
+      spatial = spatial * envelope[:, :, :, None, None]
     return spatial, self.fiber_basis_value()
 
   def lift(self, scalars_BxNxS, vectors_BxNxVx3, orientations):
@@ -270,7 +276,7 @@ class Ponita(nnx.Module):
       grad, e = jax.grad(energy, has_aux=True)(pos_BxNx3)
       return e, -grad
     node_mask_BxN = node_mask_BxN.astype(bool)
-    (attr, pair), geometry_vjp = jax.vjp(
+    (attr, envelope), geometry_vjp = jax.vjp(
         lambda p: self._geometry(p, node_mask_BxN, grid_rotation_Bx3x3), pos_BxNx3)
     raw, basis_vjp = self.spatial_basis.with_vjp(attr)
     fiber = self.fiber_basis_value()
@@ -280,10 +286,13 @@ class Ponita(nnx.Module):
       s, _ = self.from_bases(spatial, fiber, scalars_BxNxS, vectors_BxNxVx3, node_mask_BxN, orientations)
       return jnp.sum(s[:, 0]), s[:, 0]
 
-    g_spatial, e = jax.grad(energy, has_aux=True)(raw * pair[:, :, :, None, None])
-    g_attr = basis_vjp(g_spatial * pair[:, :, :, None, None])
-    g_pair = jnp.sum(g_spatial * raw, axis=(3, 4))
-    (g_pos,) = geometry_vjp((g_attr, g_pair))
+    if envelope is None:
+      g_spatial, e = jax.grad(energy, has_aux=True)(raw)
+      (g_pos,) = geometry_vjp((basis_vjp(g_spatial), None))
+    else:
+      g_spatial, e = jax.grad(energy, has_aux=True)(raw * envelope[:, :, :, None, None])
+      g_attr = basis_vjp(g_spatial * envelope[:, :, :, None, None])
+      (g_pos,) = geometry_vjp((g_attr, jnp.sum(g_spatial * raw, axis=(3, 4))))
     return e, -g_pos
 
 
