@@ -29,7 +29,7 @@ def get_config(arg=None):
   if variant == "cpu":
     c.data.max_molecules = 4000
     c.model.update(num_ori=8, hidden=64, basis_dim=64, num_layers=4)
-    c.train.update(batch_size=32, eval_batch_size=100, num_epochs=8, warmup_epochs=1, eval_every_steps=250,
+    c.train.update(batch_size=32, eval_batch_size=100, num_epochs=8, warmup_epochs=0, eval_every_steps=250,
                    checkpoint_every_steps=250)
   elif variant == "smoke":
     c.data.max_molecules = 16

@@ -29,8 +29,8 @@ def get_config(arg=None):
                          select_metric="force_mae_mev_per_a")
   if variant == "cpu":
     c.data.molecule = "ethanol"
-    c.train.update(num_epochs=12, warmup_epochs=1, test_rotations=1, eval_every_steps=570,
-                   checkpoint_every_steps=570)
+    c.train.update(num_epochs=10, warmup_epochs=0, test_rotations=1, eval_every_steps=380,
+                   checkpoint_every_steps=380)
   elif variant == "smoke":
     c.data.update(max_train=20, max_eval=10)
     c.model.update(num_ori=4, hidden=16, basis_dim=16, num_layers=2)

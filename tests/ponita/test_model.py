@@ -244,3 +244,4 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert e16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(f16)))
   assert rel_err(e16, e32) < 5e-2
   assert rel_err(f16, f32) < 1e-1
+
