@@ -22,6 +22,7 @@ from jaxlab.common import checkpoint as ckpt_lib
 from jaxlab.common import mesh as mesh_lib
 from jaxlab.common import metrics as metrics_lib
 from jaxlab.common import optim
+from jaxlab.common import plots
 
 Batch = Any
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -228,6 +229,8 @@ class Trainer:
     best_step = int(mesh_lib.to_host(state["best_step"]))
     metrics_lib.write_json_atomic(f"{self.workdir}/results.json",
                                   {"best_step": best_step, "num_steps": self.num_steps, **results})
+    if jax.process_index() == 0:
+      plots.learning_curves(writer.path, f"{self.workdir}/curves.png")
     checkpointer.close()
     return Result(self.num_steps, best_step, results, state, self.graphdef)
 
