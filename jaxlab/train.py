@@ -4,6 +4,7 @@
 
 Writes DIR/metrics.jsonl, DIR/checkpoints/ and DIR/results.json; the same command again resumes from the last
 checkpoint. The config's ``method`` picks the package (``jaxlab.<method>.train.train_and_evaluate``).
+``--eval_only`` evaluates the best parameters of the latest checkpoint instead (e.g. of a stopped run).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ METHODS = ("ponita",)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, optionally with :variant", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (metrics, checkpoints, results)")
+_EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "evaluate the best parameters of the latest checkpoint in "
+                               "--workdir on the validation and test sets, without training further")
 
 
 def main(argv):
@@ -32,7 +35,7 @@ def main(argv):
     raise ValueError(f"config 'method' must be one of {METHODS}, got {method!r}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
   module = importlib.import_module(f"jaxlab.{method}.train")
-  result = module.train_and_evaluate(config, _WORKDIR.value)
+  result = module.train_and_evaluate(config, _WORKDIR.value, eval_only=_EVAL_ONLY.value)
   for split, values in result.metrics.items():
     print(f"{split}: " + ", ".join(f"{k} {v:.6g}" for k, v in values.items()))
 

@@ -69,10 +69,11 @@ class Trainer:
   """Builds the jitted step and evaluation for a task; :meth:`run` is the loop."""
 
   def __init__(self, task: Task, cfg, workdir: str, mesh=None, log=print, config_json: str | None = None,
-               stop_at_step: int | None = None):
+               stop_at_step: int | None = None, eval_only: bool = False):
     self.task, self.cfg, self.workdir, self.log = task, cfg, workdir, log
     self.config_json = config_json
     self.stop_at_step = stop_at_step
+    self.eval_only = eval_only
     self.mesh = mesh or mesh_lib.make_data_mesh()
     self.num_steps = int(cfg.num_epochs * task.steps_per_epoch) if cfg.get("num_steps", 0) <= 0 \
         else int(cfg.num_steps)
@@ -163,6 +164,12 @@ class Trainer:
 
     first_batch = task.train_batch(0)
     latest = checkpointer.latest_step()
+    if self.eval_only:
+      # Evaluation settings (e.g. test-time rotations) may differ from the training run's, so the stored
+      # config is not required to match; the parameter structure still is.
+      if latest is None:
+        raise FileNotFoundError(f"--eval_only: no checkpoint in {checkpointer.directory}")
+      expect = {}
     if latest is None:
       state = self.init_state(calibrate_batch=first_batch)
     else:
@@ -188,6 +195,8 @@ class Trainer:
       return {k: float(v) for k, v in m.items()}
 
     end = self.num_steps if self.stop_at_step is None else min(self.stop_at_step, self.num_steps)
+    if self.eval_only:
+      end = start
     for step in range(start, end):
       batch = mesh_lib.put_global_batch(task.train_batch(step) if step else first_batch, self.mesh)
       state, m = self.train_step(state, batch)
@@ -217,7 +226,7 @@ class Trainer:
         checkpointer.save(done, state, meta, force=True)
     if pending is not None:
       drain(pending)
-    if end < self.num_steps:
+    if end < self.num_steps and not self.eval_only:
       checkpointer.close()
       self.log(f"stopped at step {end} of {self.num_steps}; the same command resumes from here")
       return Result(end, int(mesh_lib.to_host(state["best_step"])), {}, state, self.graphdef)
@@ -225,10 +234,11 @@ class Trainer:
     results = {}
     for name in task.eval_sets:
       results[name] = self.evaluate(state["best_params"], state["rest"], name, self.num_steps)
-      writer.write(self.num_steps, "final", **{f"{name}/{k}": v for k, v in results[name].items()})
+      writer.write(end, "final", **{f"{name}/{k}": v for k, v in results[name].items()})
     best_step = int(mesh_lib.to_host(state["best_step"]))
     metrics_lib.write_json_atomic(f"{self.workdir}/results.json",
-                                  {"best_step": best_step, "num_steps": self.num_steps, **results})
+                                  {"best_step": best_step, "trained_steps": end, "num_steps": self.num_steps,
+                                   **results})
     if jax.process_index() == 0:
       plots.learning_curves(writer.path, f"{self.workdir}/curves.png")
     checkpointer.close()
@@ -236,9 +246,12 @@ class Trainer:
 
 
 def train(task: Task, cfg, workdir: str, mesh=None, log=print, config_json: str | None = None,
-          stop_at_step: int | None = None) -> Result:
+          stop_at_step: int | None = None, eval_only: bool = False) -> Result:
   """Trains ``task`` with the loop settings ``cfg`` (a ConfigDict: num_epochs or num_steps, learning_rate,
   warmup_epochs, weight_decay, grad_clip, ema_decay, eval/log/checkpoint intervals, seed) in ``workdir``.
 
-  ``stop_at_step`` ends this run early with a checkpoint (a time-sliced job); calling again continues it."""
-  return Trainer(task, cfg, workdir, mesh=mesh, log=log, config_json=config_json, stop_at_step=stop_at_step).run()
+  ``stop_at_step`` ends this run early with a checkpoint (a time-sliced job); calling again continues it.
+  ``eval_only`` evaluates the best parameters of the latest checkpoint on every evaluation set, training no
+  further (with the given config's evaluation settings)."""
+  return Trainer(task, cfg, workdir, mesh=mesh, log=log, config_json=config_json, stop_at_step=stop_at_step,
+                 eval_only=eval_only).run()

@@ -282,6 +282,8 @@ def build_task(config, workdir: str) -> loop.Task:
   return TASKS[config.task](config, workdir)
 
 
-def train_and_evaluate(config, workdir: str, mesh=None, stop_at_step: int | None = None) -> loop.Result:
+def train_and_evaluate(config, workdir: str, mesh=None, stop_at_step: int | None = None,
+                       eval_only: bool = False) -> loop.Result:
   return loop.train(build_task(config, workdir), config.train, workdir, mesh=mesh,
-                    config_json=json.dumps(config.to_dict(), sort_keys=True), stop_at_step=stop_at_step)
+                    config_json=json.dumps(config.to_dict(), sort_keys=True), stop_at_step=stop_at_step,
+                    eval_only=eval_only)

@@ -77,6 +77,16 @@ def test_killed_run_resumes_to_the_same_final_parameters(nbody_smoke_dir, tmp_pa
   assert {r["kind"] for r in records} >= {"train", "eval", "final"}
 
 
+def test_eval_only_evaluates_a_stopped_run_without_training(nbody_smoke_dir, tmp_path):
+  config = smoke_config(nbody_dir=nbody_smoke_dir)
+  ponita_train.train_and_evaluate(config, str(tmp_path), stop_at_step=6)
+  result = ponita_train.train_and_evaluate(config, str(tmp_path), eval_only=True)
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["trained_steps"] == 6 and saved["best_step"] == 5
+  assert saved["test"]["mse"] == pytest.approx(result.metrics["test"]["mse"])
+  assert int(result.state["step"]) == 6
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(nbody_smoke_dir, tmp_path):
   config = smoke_config(nbody_dir=nbody_smoke_dir)
   ponita_train.train_and_evaluate(config, str(tmp_path), stop_at_step=5)
