@@ -159,3 +159,26 @@ def test_two_processes_train_to_the_same_loss_as_one(nbody_smoke_dir, tmp_path):
   assert two["test"]["mse"] == pytest.approx(one["test"]["mse"], rel=1e-4)
   losses = lambda d: [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if r["kind"] == "train"]
   np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4)
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_term(tmp_path):
+  import ml_collections
+  from jaxlab.common import loop
+
+  def batch(step):  # the fourth batch (step 3) carries a NaN
+    x = np.full((4, 2), np.nan if step == 3 else 1.0, np.float32)
+    return {"x": x, "y": np.ones((4, 1), np.float32), "example_mask": np.ones(4, bool)}
+
+  def loss_fn(model, b, key):
+    err = jnp.mean((model(b["x"]) - b["y"])**2)
+    return err, {"squared_error": err}
+
+  task = loop.Task(init_model=lambda key: nnx.Linear(2, 1, rngs=nnx.Rngs(params=key)), loss_fn=loss_fn,
+                   eval_fn=lambda m, b, k: {"count": jnp.sum(b["example_mask"])}, train_batch=batch,
+                   steps_per_epoch=10, eval_sets={"val": lambda: [batch(0)]}, finalize=lambda s: {"n": s["count"]},
+                   select="n")
+  cfg = ml_collections.ConfigDict(dict(num_epochs=1, num_steps=0, learning_rate=1e-2, warmup_epochs=0,
+                                       weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, eval_every_steps=0,
+                                       log_every_steps=1, checkpoint_every_steps=100, keep_checkpoints=1, seed=0))
+  with pytest.raises(FloatingPointError, match=r"step 3.*squared_error"):
+    loop.train(task, cfg, str(tmp_path))
