@@ -66,13 +66,21 @@ def resolve_data_dir(data_dir: str) -> Path:
 
 # ----- N-body ----------------------------------------------------------------------------------------------
 def nbody_dir(config, workdir: str) -> Path:
-  """Where the N-body files are read from; generated there (seeded, exact) when absent."""
+  """Where the N-body files are read from; generated there (seeded, exact) when absent.
+
+  The standard set is looked for in ``$JAXLAB_DATA/nbody`` and otherwise generated once into
+  ``~/.cache/jaxlab`` (never into the shared data folder); other sizes go into the run's workdir.
+  """
   dcfg = config.data
   if dcfg.nbody_dir:
     path = Path(dcfg.nbody_dir)
   elif dcfg.num_train_sims == 10000 and dcfg.num_eval_sims == 2000:
     base = os.environ.get(data_lib.DATA_ENV_VAR)
-    path = Path(base) / "nbody" if base else Path.home() / ".cache" / "jaxlab" / f"nbody_seed{dcfg.seed}"
+    shared = Path(base) / "nbody" if base else None
+    if shared is not None and data_lib.nbody_file(shared, "loc", "test", dcfg.suffix).exists():
+      path = shared
+    else:
+      path = Path.home() / ".cache" / "jaxlab" / f"nbody_seed{dcfg.seed}"
   else:
     path = Path(workdir) / "nbody_data"
   if not data_lib.nbody_file(path, "loc", "test", dcfg.suffix).exists():
