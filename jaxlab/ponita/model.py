@@ -21,8 +21,6 @@ from flax import nnx
 
 from jaxlab.ponita import geometry
 
-MODES = ("fiber_bundle", "point_cloud", "position")
-
 
 def gelu(x):
   """Exact GELU ``x·Φ(x)``, torch's default (jax.nn.gelu defaults to the tanh approximation).
