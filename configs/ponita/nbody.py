@@ -28,7 +28,7 @@ def get_config(arg=None):
                          warmup_epochs=10, weight_decay=1e-10, eval_every_steps=150, checkpoint_every_steps=600)
   if variant == "cpu":
     c.model.update(num_ori=8, hidden=64, basis_dim=64, num_layers=4)
-    c.train.update(num_epochs=200, warmup_epochs=2, eval_every_steps=600, checkpoint_every_steps=600,
+    c.train.update(num_epochs=100, warmup_epochs=2, eval_every_steps=600, checkpoint_every_steps=600,
                    log_every_steps=50)
   elif variant == "smoke":
     c.data.update(num_train_sims=40, num_eval_sims=16, num_steps=5000, max_train=40, max_eval=16)
