@@ -163,6 +163,7 @@ class Trainer:
     expect = {"config": config_json} if config_json is not None else {}
 
     first_batch = task.train_batch(0)
+    mesh_lib.check_batch_divisible(jax.tree.leaves(first_batch)[0].shape[0], self.mesh)
     latest = checkpointer.latest_step()
     if self.eval_only:
       # Evaluation settings (e.g. test-time rotations) may differ from the training run's, so the stored

@@ -35,12 +35,6 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
-  def read(self) -> list[dict]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
-
 
 class Progress:
   """Prints ``step/total loss steps/s ETA`` lines; the rate excludes the first (compiling) interval."""
