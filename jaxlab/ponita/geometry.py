@@ -1,6 +1,7 @@
 """Orientation grids, invariant attributes ("bi-invariants") and the polynomial kernel basis inputs.
 
-Conventions: ``rel_BxNxNx3[b, i, j] = x_j − x_i`` with i the receiver and j the sender; orientation grids are
+Conventions: ``rel[b, i, j] = x_j − x_i`` with i the receiver and j the sender (all pairs ``[B,N,N,3]``, or the
+N−1 other nodes of each receiver ``[B,N,N−1,3]`` as the model uses them); orientation grids are
 ``[O, 3]`` (shared) or ``[B, O, 3]`` (rotated per graph).
 """
 from __future__ import annotations
@@ -44,17 +45,36 @@ def random_rotations(key: jax.Array, n: int) -> jax.Array:
 
 
 def relative_positions(pos_BxNx3: jax.Array) -> jax.Array:
+  """All pairs, ``[B,N,N,3]``: ``rel[b, i, j] = x_j − x_i``."""
   return pos_BxNx3[:, None, :, :] - pos_BxNx3[:, :, None, :]
 
 
-def fiber_bundle_spatial_attributes(rel_BxNxNx3: jax.Array, grid: jax.Array) -> jax.Array:
-  """``[a1, a2]`` per edge and grid orientation: ``a1 = ⟨rel, o⟩``, ``a2 = ‖rel − a1·o‖``; ``[B,N,N,O,2]``."""
+def other_nodes(x: jax.Array) -> jax.Array:
+  """Each node's N−1 other nodes in cyclic order: ``[B,N,…] → [B,N,N−1,…]`` with entry ``(i, s−1)`` holding
+  ``x[(i+s) mod N]`` for s = 1…N−1.
+
+  Self-loops are kept out of the pair tensors: a self-loop's relative position is 0, so its kernel is the same
+  for every node, orientation and graph and is computed once (see ``Ponita.self_loop_basis``).
+  """
+  n = x.shape[1]
+  if n == 1:
+    return jnp.zeros((x.shape[0], 1, 0) + x.shape[2:], x.dtype)
+  return jnp.stack([jnp.roll(x, -s, axis=1) for s in range(1, n)], axis=2)
+
+
+def pair_relative_positions(pos_BxNx3: jax.Array) -> jax.Array:
+  """``[B,N,N−1,3]``: ``x_j − x_i`` for each receiver i and each other node j, in the order of :func:`other_nodes`."""
+  return other_nodes(pos_BxNx3) - pos_BxNx3[:, :, None, :]
+
+
+def fiber_bundle_spatial_attributes(rel_BxNxMx3: jax.Array, grid: jax.Array) -> jax.Array:
+  """``[a1, a2]`` per edge and grid orientation: ``a1 = ⟨rel, o⟩``, ``a2 = ‖rel − a1·o‖``; ``[B,N,M,O,2]``."""
   if grid.ndim == 2:
-    a1 = jnp.einsum("bijx,ox->bijo", rel_BxNxNx3, grid)
-    perp = rel_BxNxNx3[:, :, :, None, :] - a1[..., None] * grid[None, None, None]
+    a1 = jnp.einsum("bijx,ox->bijo", rel_BxNxMx3, grid)
+    perp = rel_BxNxMx3[:, :, :, None, :] - a1[..., None] * grid[None, None, None]
   else:
-    a1 = jnp.einsum("bijx,box->bijo", rel_BxNxNx3, grid)
-    perp = rel_BxNxNx3[:, :, :, None, :] - a1[..., None] * grid[:, None, None]
+    a1 = jnp.einsum("bijx,box->bijo", rel_BxNxMx3, grid)
+    perp = rel_BxNxMx3[:, :, :, None, :] - a1[..., None] * grid[:, None, None]
   return jnp.stack([a1, safe_norm(perp)], axis=-1)
 
 
@@ -63,18 +83,20 @@ def fiber_attributes(grid_Ox3: jax.Array) -> jax.Array:
   return (grid_Ox3 @ grid_Ox3.T)[..., None]
 
 
-def point_cloud_attributes(rel_BxNxNx3: jax.Array, ori_BxNx3: jax.Array) -> jax.Array:
-  """Point-cloud mode (one orientation per node): ``[⟨rel,o_i⟩, ‖rel − ⟨rel,o_i⟩o_i‖, ⟨o_j,o_i⟩]``, ``[B,N,N,1,3]``."""
-  o_recv = ori_BxNx3[:, :, None, :]
-  a1 = jnp.sum(rel_BxNxNx3 * o_recv, axis=-1)
-  a2 = safe_norm(rel_BxNxNx3 - a1[..., None] * o_recv)
-  a3 = jnp.einsum("bix,bjx->bij", ori_BxNx3, ori_BxNx3)
+def point_cloud_attributes(rel_BxNxMx3: jax.Array, ori_recv_BxNx3: jax.Array,
+                           ori_send_BxNxMx3: jax.Array) -> jax.Array:
+  """Point-cloud mode (one orientation per node): ``[⟨rel,o_i⟩, ‖rel − ⟨rel,o_i⟩o_i‖, ⟨o_j,o_i⟩]``, ``[B,N,M,1,3]``
+  for M senders per receiver (``ori_send`` holds the senders' orientations)."""
+  o_recv = ori_recv_BxNx3[:, :, None, :]
+  a1 = jnp.sum(rel_BxNxMx3 * o_recv, axis=-1)
+  a2 = safe_norm(rel_BxNxMx3 - a1[..., None] * o_recv)
+  a3 = jnp.sum(ori_send_BxNxMx3 * o_recv, axis=-1)
   return jnp.stack([a1, a2, a3], axis=-1)[:, :, :, None, :]
 
 
-def position_attributes(rel_BxNxNx3: jax.Array) -> jax.Array:
-  """R³ mode (PNITA): the distance alone, ``[B,N,N,1,1]``."""
-  return safe_norm(rel_BxNxNx3)[:, :, :, None, None]
+def position_attributes(rel_BxNxMx3: jax.Array) -> jax.Array:
+  """R³ mode (PNITA): the distance alone, ``[B,N,M,1,1]``."""
+  return safe_norm(rel_BxNxMx3)[:, :, :, None, None]
 
 
 def polynomial_features(x: jax.Array, degree: int = 3) -> jax.Array:

@@ -4,11 +4,16 @@ Dense padded layout: a batch holds B graphs of at most N nodes, ``node_mask_BxN`
 graph is fully connected with self-loops among real nodes (optionally cut off at ``radius``). Features live on
 ``x_BxNxOxC`` (nodes × orientations × channels). Symbols follow the PONITA reference:
 
-  spatial basis  B_s = GELU(Lin(GELU(Lin(Poly(a1, a2)))))            [B, N, N, O, K]
+  spatial basis  B_s = GELU(Lin(GELU(Lin(Poly(a1, a2)))))            [B, N, N−1, O, K] and [K]
   fibre basis    B_f = GELU(Lin(GELU(Lin(Poly(⟨o_p, o_q⟩)))))        [O, O, K]
   conv           x1_i(o) = Σ_j Lin_s(B_s)_ij(o) ⊙ x_j(o)             (spatial, depthwise)
                  x2_i(p) = 1/O Σ_o x1_i(o) ⊙ Lin_f(B_f)(o, p) + b    (fibre, depthwise)
   block          x ← x + γ · MLP(LayerNorm(conv(x)))                 (ConvNeXt)
+
+The spatial basis is split into the N−1 pairs of each receiver with another node (``[B,N,N−1,O,K]``, see
+``geometry.other_nodes``) and the self-loop, whose relative position is 0 and whose basis is therefore one
+vector ``[K]`` for all nodes, orientations and graphs. The sum is the same as over all N×N pairs; the kernel
+matmuls, the largest cost of a step, shrink by a factor (N−1)/N.
 """
 from __future__ import annotations
 
@@ -91,12 +96,13 @@ class SeparableConv(nnx.Module):
     self.fiber_kernel = nnx.Linear(basis_dim, channels, use_bias=False, dtype=dtype, rngs=rngs) if fiber else None
     self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
-  def __call__(self, x_BxNxOxC, spatial_basis_BxNxNxOxK, fiber_basis_OxOxK, node_mask_BxN, calibrate=False):
-    k1_BxNxNxOxC = self.spatial_kernel(spatial_basis_BxNxNxOxK)
+  def __call__(self, x_BxNxOxC, spatial_basis, fiber_basis_OxOxK, node_mask_BxN, calibrate=False):
+    """``spatial_basis = (self_loop, pairs)``: ``[..., K]`` broadcastable to ``[B,N,O,K]``, and ``[B,N,N−1,O,K]``."""
+    self_basis, pair_basis_BxNxMxOxK = spatial_basis
     x_BxNxOxC = x_BxNxOxC * node_mask_BxN[:, :, None, None].astype(x_BxNxOxC.dtype)  # padded senders send 0
-    # As a contraction rather than multiply-then-sum: XLA:CPU fuses the latter with the kernel matmul into
-    # one kernel that runs several times slower than the two steps apart.
-    x1 = jnp.einsum("bijoc,bjoc->bioc", k1_BxNxNxOxC, x_BxNxOxC)
+    k1_BxNxMxOxC = self.spatial_kernel(pair_basis_BxNxMxOxK)
+    x1 = (self.spatial_kernel(self_basis) * x_BxNxOxC
+          + jnp.sum(k1_BxNxMxOxC * geometry.other_nodes(x_BxNxOxC), axis=2))
     if calibrate:
       scale = _masked_std(x_BxNxOxC, node_mask_BxN) / _masked_std(x1, node_mask_BxN)
       self.spatial_kernel.kernel[...] = self.spatial_kernel.kernel[...] * scale
@@ -180,15 +186,17 @@ class Ponita(nnx.Module):
     return None
 
   def _geometry(self, pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3=None, node_ori_BxNx3=None):
-    """Spatial attributes ``[B,N,N,O,A]`` and the radial envelope ``[B,N,N]`` (None without a radius).
+    """Attributes of each receiver's pairs with the other nodes ``[B,N,N−1,O,A]`` and the radial envelope
+    ``[B,N,N−1]`` (None without a radius).
 
     Padded nodes need no pair mask here: every conv zeroes padded senders, so they reach no real node.
     """
-    rel = geometry.relative_positions(pos_BxNx3)
+    rel = geometry.pair_relative_positions(pos_BxNx3)
     if self.mode == "fiber_bundle":
       attr = geometry.fiber_bundle_spatial_attributes(rel, self.orientations(grid_rotation_Bx3x3))
     elif self.mode == "point_cloud":
-      attr = geometry.point_cloud_attributes(rel, self.orientations(None, node_ori_BxNx3)[:, :, 0])
+      ori = self.orientations(None, node_ori_BxNx3)[:, :, 0]
+      attr = geometry.point_cloud_attributes(rel, ori, geometry.other_nodes(ori))
     else:
       attr = geometry.position_attributes(rel)
     envelope = None
@@ -196,18 +204,30 @@ class Ponita(nnx.Module):
       envelope = geometry.polynomial_envelope(geometry.safe_norm(rel) / self.radius).astype(self.dtype)
     return attr.astype(self.dtype), envelope
 
+  def self_loop_basis(self, node_ori_BxNx3=None):
+    """The spatial basis of a self-loop (relative position 0, envelope 1): ``[1,1,1,K]``, or ``[B,N,1,K]`` in
+    point-cloud mode, where its attribute ``⟨o_i, o_i⟩`` is computed from the given orientations."""
+    if self.mode == "point_cloud":
+      ori = self.orientations(None, node_ori_BxNx3)[:, :, 0]
+      sq = jnp.sum(ori * ori, axis=-1)
+      attr = jnp.stack([jnp.zeros_like(sq), jnp.zeros_like(sq), sq], axis=-1)[:, :, None, :]
+    else:
+      attr = jnp.zeros((1, 1, 1, 2 if self.mode == "fiber_bundle" else 1), jnp.float32)
+    return self.spatial_basis(attr.astype(self.dtype))
+
   def fiber_basis_value(self):
     if self.mode != "fiber_bundle":
       return None
     return self.fiber_basis(geometry.fiber_attributes(self.grid[...]).astype(self.dtype))
 
   def bases(self, pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3=None, node_ori_BxNx3=None):
-    """Spatial basis ``[B,N,N,O,K]`` (zero beyond the radius) and fibre basis ``[O,O,K]``."""
+    """Spatial basis ``(self_loop, pairs)`` (``[..., K]`` and ``[B,N,N−1,O,K]``, zero beyond the radius) and
+    fibre basis ``[O,O,K]``."""
     attr, envelope = self._geometry(pos_BxNx3, node_mask_BxN, grid_rotation_Bx3x3, node_ori_BxNx3)
-    spatial = self.spatial_basis(attr)
+    pairs = self.spatial_basis(attr)
     if envelope is not None:
-      spatial = spatial * envelope[:, :, :, None, None]
-    return spatial, self.fiber_basis_value()
+      pairs = pairs * envelope[:, :, :, None, None]
+    return (self.self_loop_basis(node_ori_BxNx3), pairs), self.fiber_basis_value()
 
   def lift(self, scalars_BxNxS, vectors_BxNxVx3, orientations):
     """Scalars are constant over the fibre; a vector v becomes the function ``o ↦ ⟨v, o⟩``."""
@@ -278,10 +298,12 @@ class Ponita(nnx.Module):
         lambda p: self._geometry(p, node_mask_BxN, grid_rotation_Bx3x3), pos_BxNx3)
     raw, basis_vjp = self.spatial_basis.with_vjp(attr)
     fiber = self.fiber_basis_value()
+    self_loop = self.self_loop_basis()
     orientations = self.orientations(grid_rotation_Bx3x3)
 
-    def energy(spatial):
-      s, _ = self.from_bases(spatial, fiber, scalars_BxNxS, vectors_BxNxVx3, node_mask_BxN, orientations)
+    def energy(pairs):
+      s, _ = self.from_bases((self_loop, pairs), fiber, scalars_BxNxS, vectors_BxNxVx3, node_mask_BxN,
+                             orientations)
       return jnp.sum(s[:, 0]), s[:, 0]
 
     if envelope is None:

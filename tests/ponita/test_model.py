@@ -223,15 +223,61 @@ def test_pnita_rejects_vectors():
     small_model(num_ori=0, num_vector_in=1)
 
 
+def dense_spatial_conv(model, conv, x, pos, mask, node_ori=None):
+  """The spatial step over all N×N pairs, self-loops included, straight from the definition."""
+  rel = geometry.relative_positions(pos)
+  if model.mode == "fiber_bundle":
+    attr = geometry.fiber_bundle_spatial_attributes(rel, model.orientations())
+  elif model.mode == "point_cloud":
+    attr = geometry.point_cloud_attributes(rel, node_ori, jnp.broadcast_to(node_ori[:, None], rel.shape))
+  else:
+    attr = geometry.position_attributes(rel)
+  basis = model.spatial_basis(attr)
+  if model.radius is not None:
+    basis = basis * geometry.polynomial_envelope(geometry.safe_norm(rel) / model.radius)[..., None, None]
+  x = x * mask[:, :, None, None]
+  return jnp.einsum("bijoc,bjoc->bioc", conv.spatial_kernel(basis), x)
+
+
+def unit(v):
+  return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("num_ori,radius", [(8, None), (8, 2.0), (-1, None), (0, 1.5)])
+def test_self_loop_split_equals_the_all_pairs_convolution(num_ori, radius):
+  model = small_model(num_ori=num_ori, radius=radius)
+  pos, z, mask = molecule_batch(b=2, n=5)
+  mask = mask.at[1, 4].set(False)
+  node_ori = unit(jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 3)), jnp.float32))
+  node_ori = node_ori if num_ori == -1 else None
+  conv = model.blocks[0].conv
+  orientations = model.orientations(None, node_ori)
+  x = model.embedder(model.lift(z, None, orientations))
+  x = x + jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)  # vary over the fibre
+  spatial, fiber = model.bases(pos, mask, None, node_ori)
+  expected = dense_spatial_conv(model, conv, x, pos, mask, node_ori)
+  if conv.fiber_kernel is not None:
+    expected = jnp.einsum("bnoc,poc->bnpc", expected, conv.fiber_kernel(fiber)) / expected.shape[2]
+  assert rel_err(conv(x, spatial, fiber, mask), expected + conv.bias[...]) < 1e-5
+
+
+def test_other_nodes_lists_every_other_node_once():
+  x = jnp.arange(2 * 5, dtype=jnp.float32).reshape(2, 5)
+  others = np.asarray(geometry.other_nodes(x))
+  assert others.shape == (2, 5, 4)
+  for b in range(2):
+    for i in range(5):
+      assert sorted(others[b, i].tolist()) == sorted(np.delete(np.asarray(x[b]), i).tolist())
+
+
 def test_calibration_equalises_conv_output_scale():
   model = small_model()
   pos, z, mask = molecule_batch()
   calibrate(model, pos, z, None, mask)
-  spatial, fiber = model.bases(pos, mask)
   x = model.embedder(model.lift(z, None, model.orientations()))
   conv = model.blocks[0].conv
-  k1 = conv.spatial_kernel(spatial)
-  x1 = jnp.sum(k1 * x[:, None], axis=2)
+  x1 = dense_spatial_conv(model, conv, x, pos, mask)
+  fiber = model.fiber_basis_value()
   x2 = jnp.einsum("bnoc,poc->bnpc", x1, conv.fiber_kernel(fiber)) / x1.shape[2]
   np.testing.assert_allclose(float(jnp.std(x1, ddof=1)), float(jnp.std(x, ddof=1)), rtol=1e-3)
   np.testing.assert_allclose(float(jnp.std(x2, ddof=1)), float(jnp.std(x1, ddof=1)), rtol=1e-3)
