@@ -1,6 +1,8 @@
 """Settings shared by the PONITA configs (model and loop defaults of the reference implementation)."""
 import ml_collections
 
+from configs.loop import loop_config
+
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
@@ -20,24 +22,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
-  t = ml_collections.ConfigDict()
-  t.batch_size = 100
-  t.eval_batch_size = 100
-  t.num_epochs = 100
-  t.num_steps = 0           # > 0 overrides num_epochs
-  t.learning_rate = 1e-3
-  t.warmup_epochs = 10
-  t.weight_decay = 0.0
-  t.grad_clip = 0.5         # global norm
-  t.ema_decay = 0.0         # 0 = no EMA
-  t.eval_every_steps = 0    # 0 = once per epoch
-  t.log_every_steps = 10
-  t.checkpoint_every_steps = 500
-  t.keep_checkpoints = 2
-  t.seed = 0
+  t = loop_config()
   t.rotation_augmentation = True
   t.test_rotations = 0      # > 0: average predictions over this many random rotations at evaluation
   t.force_weight = 500.0    # rMD17: loss = MSE_E / force_weight + MSE_F
-  t.select_metric = ""
   t.update(overrides)
   return t
