@@ -10,7 +10,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("ponita",)
+METHODS = ("ponita", "icgnn")
 
 
 def load(method: str):

@@ -44,3 +44,14 @@ def test_unknown_variant_is_a_clear_error(tmp_path):
   out = run(["jaxlab.train", "--config", "configs/ponita/nbody.py:gpu9", f"--workdir={tmp_path}"])
   assert out.returncode != 0
   assert "unknown variant 'gpu9'" in out.stderr
+
+
+def test_icgnn_precoding_cli_trains_and_tabulates_baselines(tmp_path):
+  out = run(["jaxlab.train", "--config", "configs/icgnn/precoding.py:smoke", f"--workdir={tmp_path}"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = json.load(open(tmp_path / "table.json"))
+  assert set(table) == {"k8_n8", "k16_n16"}
+  for row in table.values():
+    assert {"ICGNN", "WMMSE", "RZF", "MRT"} <= set(row)
+    assert row["WMMSE"] > row["RZF"] > row["MRT"] > 0  # the loaded regime K = N, where WMMSE leads
+  assert (tmp_path / "table.md").exists() and (tmp_path / "curves.png").exists()

@@ -5,6 +5,11 @@ import json
 import os
 
 
+def _scale(values) -> str:
+  """Log scale for positive curves (losses, errors); linear where a value is <= 0 (e.g. a negative sum-rate)."""
+  return "log" if values and min(values) > 0 else "linear"
+
+
 def learning_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str | None:
   """Training loss and every validation metric against the step, from a run's ``metrics.jsonl``."""
   import matplotlib
@@ -21,11 +26,11 @@ def learning_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str | 
   ax = axes[0, 0]
   if train:
     ax.plot(*zip(*train), lw=0.8)
-  ax.set(xlabel="step", ylabel="training loss", yscale="log", title=title or "training loss")
+  ax.set(xlabel="step", ylabel="training loss", yscale=_scale([v for _, v in train]), title=title or "training loss")
   for ax, name in zip(axes[0, 1:], names):
     points = [(r["step"], r[name]) for r in evals if name in r]
     ax.plot(*zip(*points), marker="o", ms=3)
-    ax.set(xlabel="step", ylabel=name, yscale="log", title=name)
+    ax.set(xlabel="step", ylabel=name, yscale=_scale([v for _, v in points]), title=name)
   fig.tight_layout()
   tmp = out_png + ".tmp.png"
   fig.savefig(tmp, dpi=110)
