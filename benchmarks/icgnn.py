@@ -26,6 +26,7 @@ if REPO not in sys.path:
 from configs.icgnn import precoding as precoding_config  # noqa: E402
 from jaxlab.common import timing  # noqa: E402
 from jaxlab.icgnn import metrics, precoding  # noqa: E402
+from jaxlab.icgnn import cellfree, cellfree_train  # noqa: E402
 from jaxlab.icgnn.train import host_channels, icgnn_precoder, load_trained, precoding_task  # noqa: E402
 
 SIZES = ((8, 8), (8, 16), (16, 16), (16, 32))
@@ -58,6 +59,9 @@ def main(out: str | None = None, argv: list[str] | None = None) -> list[dict]:
   ap.add_argument("--run", default="", help="a trained precoding run's workdir")
   ap.add_argument("--config", default="configs/icgnn/precoding.py", help="the config the run was trained with")
   ap.add_argument("--cg-iters", default="1,2,4,8,16,32", help="CG iterations for the SE curve")
+  ap.add_argument("--cellfree-run", default="", help="also time a trained cell-free run against WMMSE power")
+  ap.add_argument("--cellfree-config", default="configs/icgnn/cellfree.py")
+  ap.add_argument("--cellfree-setups", type=int, default=200)
   ap.add_argument("--out", default=out)
   args = ap.parse_args(argv)
   model, config = model_and_config(args)
@@ -96,10 +100,49 @@ def main(out: str | None = None, argv: list[str] | None = None) -> list[dict]:
       records.append({**base, "what": "sum_se_vs_cg_iters", "cg_iters": T,
                       "icgnn_sum_se": float(jnp.mean(metrics.sum_se(H, W, sigma2, um))),
                       "rzf_cg_sum_se": float(jnp.mean(metrics.sum_se(H, W_rzf, sigma2, um)))})
+  if args.cellfree_run:
+    records += cellfree_records(args, env)
   for r in records:
     if args.out:
       timing.append_jsonl(args.out, r)
   print_table(records)
+  return records
+
+
+def cellfree_records(args, env) -> list[dict]:
+  """ICGNN power allocation (one padded batch of link graphs) against WMMSE power on the same setups."""
+  import time
+  config = load_config(args.cellfree_config)
+  model, _, _ = load_trained(config, args.cellfree_run)
+  records = []
+  for l, k, n in config.data.test_sizes:
+    system = cellfree_train.system_for(config.system, l, k, n)
+    data = cellfree_train.SetupSet(system, args.cellfree_setups, 123, args.cellfree_setups, f"l{l}_k{k}_n{n}")
+    batch = jax.tree.map(jnp.asarray, next(iter(data.eval_batches())))
+    arrays = {key: jnp.asarray(v) for key, v in data.arrays.items()}
+    base = {**env, "workload": f"cellfree_l{l}_k{k}_n{n}", "batch_size": args.cellfree_setups}
+    rec = timing.time_jitted(lambda b: cellfree_train.icgnn_powers(model, b, system), (batch,), iters=args.iters,
+                             warmup=1, examples_per_call=args.cellfree_setups)
+    rho = jax.jit(lambda b: cellfree_train.icgnn_powers(model, b, system))(batch)
+    se = cellfree_train.se_of(rho, arrays, np.full(args.cellfree_setups, n, np.float32), system)
+    rec["sum_se"] = float(jnp.mean(cellfree.sum_se(se, arrays["ue_mask_SxK"])))
+    records.append({**base, "what": "inference_icgnn", **rec})
+    wmmse = lambda: cellfree.wmmse_power(arrays, n, rho_max=system.rho_max_mw, tau_p=system.tau_p,
+                                         tau_c=system.tau_c)[0]
+    jax.block_until_ready(wmmse())
+    times = []
+    for _ in range(max(1, args.iters // 3)):
+      start = time.perf_counter()
+      rho_w = jax.block_until_ready(wmmse())
+      times.append((time.perf_counter() - start) * 1e3)
+    se = cellfree_train.se_of(rho_w, arrays, np.full(args.cellfree_setups, n, np.float32), system)
+    wrec = {"step_ms_median": float(np.median(times)), "step_ms_p10": float(np.percentile(times, 10)),
+            "step_ms_p90": float(np.percentile(times, 90)),
+            "examples_per_s": args.cellfree_setups / (np.median(times) * 1e-3),
+            "sum_se": float(jnp.mean(cellfree.sum_se(se, arrays["ue_mask_SxK"])))}
+    records.append({**base, "what": "inference_wmmse", **wrec})
+    records.append({**base, "what": "speedup_icgnn_over_wmmse", "ratio": wrec["step_ms_median"] / rec["step_ms_median"],
+                    "sum_se_ratio": rec["sum_se"] / wrec["sum_se"]})
   return records
 
 

@@ -55,3 +55,14 @@ def test_icgnn_precoding_cli_trains_and_tabulates_baselines(tmp_path):
     assert {"ICGNN", "WMMSE", "RZF", "MRT"} <= set(row)
     assert row["WMMSE"] > row["RZF"] > row["MRT"] > 0  # the loaded regime K = N, where WMMSE leads
   assert (tmp_path / "table.md").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_icgnn_cellfree_cli_trains_and_tabulates_baselines(tmp_path):
+  out = run(["jaxlab.train", "--config", "configs/icgnn/cellfree.py:smoke", f"--workdir={tmp_path}"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = json.load(open(tmp_path / "table.json"))
+  assert set(table) == {"l25_k10_n4", "l50_k20_n8"}
+  for row in table.values():
+    assert {"ICGNN", "ICGNN p5", "wmmse", "fractional", "equal", "max_min"} <= set(row)
+    assert row["wmmse"] > row["equal"] > 0
+  assert (tmp_path / "se_cdf_l50_k20_n8.png").exists()

@@ -39,51 +39,67 @@ class MLP(nnx.Module):
 class ICGNNLayer(nnx.Module):
   """One information-carrying message-passing layer over a ``GraphsTuple`` (edges point sender → receiver)."""
 
-  def __init__(self, hidden: int, raw_dim: int, edge_dim: int, aggregation: str = "max", *, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, raw_dim: int, edge_dim: int, aggregation: str = "max", message_layers: int = 2,
+               *, rngs: nnx.Rngs):
     if aggregation not in ("max", "max_mean"):
       raise ValueError(f"aggregation must be 'max' or 'max_mean', got {aggregation!r}")
+    if message_layers not in (1, 2):
+      raise ValueError(f"message_layers must be 1 or 2, got {message_layers!r}")
     self.aggregation = aggregation
-    self.message = MLP(hidden + edge_dim, hidden, hidden, rngs=rngs)
+    self.message = (MLP(hidden + edge_dim, hidden, hidden, rngs=rngs) if message_layers == 2
+                    else nnx.Linear(hidden + edge_dim, hidden, rngs=rngs))
     agg_dim = hidden * (2 if aggregation == "max_mean" else 1)
     self.update = MLP(hidden + agg_dim + raw_dim, hidden, hidden, rngs=rngs)
 
-  def __call__(self, h, raw, edge_x, senders, receivers, edge_mask):
+  def __call__(self, h, raw, edge_x, senders, receivers, edge_mask, in_degree: int | None = None):
+    """``in_degree``: every node receives exactly this many edges, stored consecutively by receiver (as in
+    :func:`user_graph`); the aggregation is then a reshape and a reduction instead of a scatter, same numbers."""
     num_nodes, hidden = h.shape
     # φ_m's first layer on [h_j, e_kj] split into its node and edge parts: the node part is computed once per
     # node and gathered, instead of once per edge (the same numbers, a fraction of the work on dense graphs).
-    first = self.message.linear_1
+    first = self.message if isinstance(self.message, nnx.Linear) else self.message.linear_1
     kernel = first.kernel[...]
-    pre = (h @ kernel[:hidden])[senders] + edge_x @ kernel[hidden:] + first.bias[...]
-    m = jax.nn.relu(self.message.linear_2(jax.nn.relu(pre)))
-    parts = [jgraph.segment_max(m, receivers, num_nodes, mask=edge_mask)]
-    if self.aggregation == "max_mean":
-      parts.append(jgraph.segment_mean(m, receivers, num_nodes, mask=edge_mask))
+    m = jax.nn.relu((h @ kernel[:hidden])[senders] + edge_x @ kernel[hidden:] + first.bias[...])
+    if not isinstance(self.message, nnx.Linear):
+      m = jax.nn.relu(self.message.linear_2(m))
+    if in_degree is not None:
+      # Messages are >= 0 (ReLU), so zeros in masked slots leave the max unchanged and give 0 when all are masked.
+      valid = edge_mask.reshape(num_nodes, in_degree, 1)
+      m = jnp.where(valid, m.reshape(num_nodes, in_degree, hidden), 0.0)
+      parts = [jnp.max(m, axis=1)]
+      if self.aggregation == "max_mean":
+        parts.append(jnp.sum(m, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1))
+    else:
+      parts = [jgraph.segment_max(m, receivers, num_nodes, mask=edge_mask)]
+      if self.aggregation == "max_mean":
+        parts.append(jgraph.segment_mean(m, receivers, num_nodes, mask=edge_mask))
     return jax.nn.relu(self.update(jnp.concatenate([h] + parts + [raw], axis=-1)))
 
 
 class ICGNN(nnx.Module):
   """Encoder, ``num_layers`` information-carrying layers (one set of weights if ``shared``), per-node head.
 
-  ``__call__(graph, node_mask, edge_mask)`` reads ``graph.nodes["x"]`` ``[n, node_in]`` and
-  ``graph.edges["x"]`` ``[e, edge_in]`` and returns ``[n, out_dim]``, zero at padded nodes.
+  ``__call__(graph, node_mask, edge_mask, in_degree=None)`` reads ``graph.nodes["x"]`` ``[n, node_in]`` and
+  ``graph.edges["x"]`` ``[e, edge_in]`` and returns ``[n, out_dim]``, zero at padded nodes. ``message_layers``
+  is the depth of φ_m (2 as in the reconstruction; 1 makes the per-edge work a gather, an add and a ReLU).
   """
 
   def __init__(self, node_in: int, edge_in: int, out_dim: int, *, hidden: int = 128, num_layers: int = 3,
-               shared: bool = False, aggregation: str = "max", rngs: nnx.Rngs):
+               shared: bool = False, aggregation: str = "max", message_layers: int = 2, rngs: nnx.Rngs):
     if num_layers < 1 or hidden < 1:
       raise ValueError(f"ICGNN needs num_layers >= 1 and hidden >= 1, got {num_layers} and {hidden}")
     self.num_layers, self.shared = num_layers, shared
     self.encoder = MLP(node_in, hidden, hidden, rngs=rngs)
-    self.layers = nnx.List([ICGNNLayer(hidden, node_in, edge_in, aggregation, rngs=rngs)
+    self.layers = nnx.List([ICGNNLayer(hidden, node_in, edge_in, aggregation, message_layers, rngs=rngs)
                             for _ in range(1 if shared else num_layers)])
     self.head = MLP(hidden + node_in, hidden, out_dim, rngs=rngs)
 
-  def __call__(self, graph: jgraph.GraphsTuple, node_mask, edge_mask):
+  def __call__(self, graph: jgraph.GraphsTuple, node_mask, edge_mask, in_degree: int | None = None):
     raw, edge_x = graph.nodes["x"], graph.edges["x"]
     h = jax.nn.relu(self.encoder(raw))
     for i in range(self.num_layers):
       layer = self.layers[0 if self.shared else i]
-      h = layer(h, raw, edge_x, graph.senders, graph.receivers, edge_mask)
+      h = layer(h, raw, edge_x, graph.senders, graph.receivers, edge_mask, in_degree)
     out = self.head(jnp.concatenate([h, raw], axis=-1))
     return jnp.where(node_mask[:, None], out, 0.0)
 

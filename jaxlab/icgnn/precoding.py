@@ -5,7 +5,8 @@ Shapes: ``H_BxKxN`` complex with row k = ``h_kᴴ``; precoders ``W_BxNxK`` with 
 dimensions are free. ``P`` (total power) and ``sigma2`` (noise variance) are scalars or one value per sample.
 Optional ``user_mask [B, K]`` / ``antenna_mask [B, N]`` mark the real entries of zero-padded channels: padded users
 get zero precoders, padded antennas zero rows, and every matrix that is inverted gets a unit diagonal on padded
-users (WMMSE's pseudo-inverse drops their zero singular values), so padding changes no real number. "K" below is the number of real users of a sample.
+users (WMMSE's pseudo-inverse drops their zero singular values), so padding changes no real number. "K" below is
+the number of real users of a sample.
 
 Power normalisations (they change the SE, spec pitfall 6): ``"total"`` scales W to ``‖W‖_F² = P`` (the default and
 the convention of the spec's §2.2/§7 tables); ``"per_column"`` gives every real user's column the power P/K.

@@ -70,7 +70,7 @@ def icgnn_precoder(model: ICGNN, batch: dict, P: float, sigma2: float, cg_iters:
     W = solve(equal, equal)
   for _ in range(rounds):
     graph, node_mask, edge_mask = user_graph(H, P, sigma2, user_mask, antenna_mask, W)
-    out = model(graph, node_mask, edge_mask).reshape(H.shape[0], H.shape[1], 2)
+    out = model(graph, node_mask, edge_mask, in_degree=H.shape[1] - 1).reshape(H.shape[0], H.shape[1], 2)
     W = solve(*precoding_powers(out, P, user_mask))
   return W
 
@@ -82,7 +82,8 @@ def batch_sum_se(H, W, sigma2, user_mask):
 def precoding_model_factory(mcfg):
   def init(key):
     return ICGNN(*user_feature_dims(mcfg.precoder_stats), 2, hidden=mcfg.hidden, num_layers=mcfg.num_layers,
-                 shared=mcfg.shared, aggregation=mcfg.aggregation, rngs=nnx.Rngs(key))
+                 shared=mcfg.shared, aggregation=mcfg.aggregation, message_layers=mcfg.message_layers,
+                 rngs=nnx.Rngs(key))
   return init
 
 
@@ -230,6 +231,6 @@ def load_trained(config, workdir: str):
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-  state, _ = checkpointer.restore(state, expect_meta={"config": json.dumps(config.to_dict(), sort_keys=True)})
+  state, _ = checkpointer.restore(state)  # the parameter structure must match; other settings may differ
   checkpointer.close()
   return nnx.merge(trainer.graphdef, state["best_params"], state["rest"]), task, info

@@ -80,7 +80,8 @@ def np_sinr_general(rho, beta, serve, pilot, n_l, p, tau_p):
     for i in range(num_ues):
       if pilot[i] == pilot[k]:
         cont = sum(np.sqrt(rho[l, i]) * np.trace(B[l][i] @ np.linalg.inv(R[l][i]) @ R[l][k])
-                   / np.sqrt(np.trace(B[l][i])) for l in range(num_aps) if serve[l, i])
+                   / np.sqrt(np.trace(B[l][i]))
+                   for l in range(num_aps) if serve[l, i])
         contamination += cont**2
     sinr[k] = signal**2 / (interf + contamination - signal**2 + 1)
   return sinr
