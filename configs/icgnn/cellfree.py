@@ -28,13 +28,13 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       num_train=2048, num_val=128, num_test=1000, seed=7,
       test_sizes=((25, 10, 4), (50, 20, 4), (25, 10, 8), (50, 20, 8))))  # (APs, UEs, antennas per AP)
-  c.model = ml_collections.ConfigDict(dict(hidden=64, num_layers=3, shared=False, aggregation="max_mean"))
+  c.model = ml_collections.ConfigDict(dict(hidden=64, num_layers=3, shared=False, aggregation="max_mean",
+                                           message_layers=1))
   c.train = loop_config(batch_size=16, eval_batch_size=50, num_epochs=100, learning_rate=1e-3, warmup_epochs=0,
                         grad_clip=1.0, eval_every_steps=256, log_every_steps=32, checkpoint_every_steps=512,
                         select_metric="neg_sum_se")
   if variant == "cpu":
-    c.data.update(num_train=1024)
-    c.train.update(num_epochs=20)
+    c.train.update(num_epochs=30)
   elif variant == "smoke":
     c.data.update(num_train=16, num_val=8, num_test=8, test_sizes=((25, 10, 4), (50, 20, 8)))
     c.model.update(hidden=16, num_layers=2)

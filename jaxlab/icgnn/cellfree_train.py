@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlab import graph as jgraph
 from jaxlab.common import loop
+from jaxlab.common.data import ArrayDataset
 from jaxlab.icgnn import cellfree, metrics
 from jaxlab.icgnn.model import ICGNN, cellfree_powers
 
@@ -43,32 +44,27 @@ class SetupSet:
     self.budget = jgraph.estimate_budget(self.graphs, batch_size)
     self.num_setups = num_setups
 
-  def batch(self, index: np.ndarray) -> dict:
-    valid = index >= 0
-    index = np.where(valid, index, index[valid][0] if valid.any() else 0)
-    graphs = [self.graphs[i] for i in index]
-    graph = jgraph.pad_graphs(graphs, self.budget, check=False)
+  def batch(self, index: np.ndarray, valid: np.ndarray) -> dict:
+    graph = jgraph.pad_graphs([self.graphs[i] for i in index], self.budget, check=False)
     setup = {k: v[index] for k, v in self.arrays.items()}
     setup["ue_mask_SxK"] = setup["ue_mask_SxK"] & valid[:, None]
     antennas = np.full(len(index), self.system.num_antennas, np.float32)
     return {"graph": graph, "setup": setup, "antennas": antennas, "example_mask": valid}
 
   def train_batch(self, step: int, seed: int) -> dict:
-    steps_per_epoch = self.num_setups // self.batch_size
-    epoch, within = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(self.num_setups)
-    return self.batch(order[within * self.batch_size:(within + 1) * self.batch_size])
+    rows = ArrayDataset({"index": np.arange(self.num_setups)}, self.batch_size, seed=seed).train_batch(step)
+    return self.batch(rows["index"], rows["example_mask"])
 
   def eval_batches(self):
-    for start in range(0, self.num_setups, self.batch_size):
-      index = np.arange(start, start + self.batch_size)
-      yield self.batch(np.where(index < self.num_setups, index, -1))
+    for rows in ArrayDataset({"index": np.arange(self.num_setups)}, self.batch_size).eval_batches():
+      yield self.batch(rows["index"], rows["example_mask"])
 
 
 def model_factory(mcfg):
   def init(key):
     return ICGNN(len(cellfree.NODE_FEATURES), len(cellfree.EDGE_TYPES), 2, hidden=mcfg.hidden,
-                 num_layers=mcfg.num_layers, shared=mcfg.shared, aggregation=mcfg.aggregation, rngs=nnx.Rngs(key))
+                 num_layers=mcfg.num_layers, shared=mcfg.shared, aggregation=mcfg.aggregation,
+                 message_layers=mcfg.message_layers, rngs=nnx.Rngs(key))
   return init
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab.common import loop, metrics as metrics_lib
+from jaxlab.common.data import ArrayDataset
 from jaxlab.icgnn import metrics, precoding
 from jaxlab.icgnn.model import ICGNN, precoding_powers, user_feature_dims, user_graph
 
@@ -96,21 +97,6 @@ def precoding_test_sets(dcfg) -> dict[str, dict]:
   return sets
 
 
-def _batches(arrays: dict, batch_size: int):
-  def gen():
-    total = arrays["H"].shape[0]
-    for start in range(0, total, batch_size):
-      stop = min(start + batch_size, total)
-      part = {k: v[start:stop] for k, v in arrays.items()}
-      mask = np.ones(stop - start, bool)
-      if stop - start < batch_size:  # pad the last batch to the static shape; padded examples count nothing
-        part = {k: np.concatenate([v, np.zeros((batch_size - (stop - start),) + v.shape[1:], v.dtype)])
-                for k, v in part.items()}
-        mask = np.concatenate([mask, np.zeros(batch_size - (stop - start), bool)])
-      yield {**part, "example_mask": mask}
-  return gen
-
-
 def precoding_task(config) -> tuple[loop.Task, dict]:
   dcfg, mcfg, tcfg, scfg = config.data, config.model, config.train, config.system
   if scfg.snr_db is None or scfg.sigma2 <= 0:
@@ -146,8 +132,8 @@ def precoding_task(config) -> tuple[loop.Task, dict]:
     mean = s["sum_se"] / max(s["count"], 1.0)
     return {"sum_se": mean, "neg_sum_se": -mean}
 
-  eval_sets = {"val": _batches(val, tcfg.eval_batch_size)}
-  eval_sets.update({name: _batches(arrays, tcfg.eval_batch_size) for name, arrays in tests.items()})
+  eval_sets = {name: ArrayDataset(arrays, tcfg.eval_batch_size, name=f"precoding {name}").eval_batches
+               for name, arrays in {"val": val, **tests}.items()}
   task = loop.Task(init_model=precoding_model_factory(mcfg), loss_fn=loss_fn, eval_fn=eval_fn,
                    train_batch=train_batch, steps_per_epoch=int(dcfg.steps_per_epoch), eval_sets=eval_sets,
                    finalize=finalize, select="neg_sum_se")
