@@ -112,11 +112,13 @@ def user_feature_dims(precoder_stats: bool) -> tuple[int, int]:
 
 
 def _fully_connected_pattern(batch: int, num_users: int):
-  """Static senders/receivers of B fully connected graphs of K nodes without self-loops (numpy, int32)."""
-  recv, send = np.nonzero(~np.eye(num_users, dtype=bool))
-  offsets = (np.arange(batch) * num_users)[:, None]
-  return ((send[None] + offsets).reshape(-1).astype(np.int32), (recv[None] + offsets).reshape(-1).astype(np.int32),
-          recv.astype(np.int32), send.astype(np.int32))
+  """Senders and receivers of B fully connected graphs of K nodes without self-loops, receiver-major (each
+  node's K−1 in-edges consecutive, as ``ICGNN``'s ``in_degree`` path needs), plus the per-graph local indices."""
+  # jaxlab.graph lists every ordered pair sender-major; the pair set is symmetric, so reading its senders as
+  # receivers gives the receiver-major order.
+  receivers, senders, _ = jgraph.fully_connected_graph(np.full(batch, num_users), self_loops=False)
+  per_graph = num_users * (num_users - 1)
+  return senders, receivers, receivers[:per_graph], senders[:per_graph]
 
 
 def _db(x):
