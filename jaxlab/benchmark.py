@@ -10,7 +10,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("ponita", "icgnn")
+METHODS = ("ponita", "icgnn", "agnn")
 
 
 def load(method: str):
