@@ -11,6 +11,10 @@ and on the attention coefficients, the softmax cross-entropy of the labelled tra
 epoch the model is scored on the validation nodes, and the reported epoch is the one with the best
 validation accuracy (ties to the lower validation loss). The test accuracy of that epoch is reported, never
 used for any choice.
+
+The caches of compiled functions are small on purpose: every compiled executable holds its own memory
+mappings (about 900 on XLA:CPU), and a search of a few hundred architectures would otherwise exhaust the
+process's mapping limit.
 """
 from __future__ import annotations
 
@@ -139,7 +143,7 @@ def _fit_multi(layers, hp: ChildHParams, epochs: int, task: NodeTask, params, ke
   return fit(loss_fn, eval_fn, optimizer, params, keys, epochs, select="val_acc", tie_break="val_loss")
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def _compiled_init(layers: tuple[LayerArch, ...], in_dim: int):
   return jax.jit(jax.vmap(lambda k: init_gnn(k, layers, in_dim)))
 
@@ -147,7 +151,7 @@ def _compiled_init(layers: tuple[LayerArch, ...], in_dim: int):
 PARALLEL = ("multi", "vmap", "sequential")
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def _compiled_fit(layers: tuple[LayerArch, ...], hp: ChildHParams, epochs: int, parallel: str):
   one = functools.partial(_fit_one, layers, hp, epochs)
   if parallel == "multi":
