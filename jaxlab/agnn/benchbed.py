@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxlab.agnn import search as search_lib
 from jaxlab.agnn.nasbench import NasBenchGraph
+from jaxlab.common.plots import save_figure
 
 CHECKPOINTS = (10, 20, 50, 100, 200, 500, 1000)
 
@@ -95,8 +96,4 @@ def plot(results: dict, out_png: str) -> str:
          title=f"NAS-Bench-Graph {results['dataset']}, {results['seeds']} seeds")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = out_png + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, out_png)
-  return out_png
+  return save_figure(fig, out_png)

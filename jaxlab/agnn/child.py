@@ -105,39 +105,28 @@ def _masked_acc(logits, labels, mask):
   return jnp.sum(hit) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def _fit_one(layers, hp: ChildHParams, epochs: int, task: NodeTask, params, key):
-  def loss_fn(p, k):
-    logits = apply_gnn(p, layers, task.graph, task.features, key=k, dropout=hp.dropout,
-                       att_dropout=hp.att_dropout, graphnas_compat=hp.graphnas_compat)
-    return _masked_ce(logits, task.labels, task.train_mask)
+def _fit(layers, hp: ChildHParams, epochs: int, multi: bool, task: NodeTask, params, keys):
+  """One model (``apply_gnn``, one key) or all seeds as one stacked model (``apply_gnn_multi``, a key per
+  seed: summed losses, per-model metrics and selection)."""
+  ce, acc = _masked_ce, _masked_acc
+  if multi:
+    ce, acc = jax.vmap(_masked_ce, in_axes=(0, None, None)), jax.vmap(_masked_acc, in_axes=(0, None, None))
 
-  def eval_fn(p):
-    logits = apply_gnn(p, layers, task.graph, task.features, graphnas_compat=hp.graphnas_compat)
-    return {"val_acc": _masked_acc(logits, task.labels, task.val_mask),
-            "val_loss": _masked_ce(logits, task.labels, task.val_mask),
-            "test_acc": _masked_acc(logits, task.labels, task.test_mask),
-            "train_acc": _masked_acc(logits, task.labels, task.train_mask)}
-
-  optimizer = optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.adam(hp.learning_rate))
-  return fit(loss_fn, eval_fn, optimizer, params, key, epochs, select="val_acc", tie_break="val_loss")
-
-
-def _fit_multi(layers, hp: ChildHParams, epochs: int, task: NodeTask, params, keys):
-  """All seeds as one stacked model (``apply_gnn_multi``): summed losses, per-model metrics and selection."""
-  per_model_ce = jax.vmap(_masked_ce, in_axes=(0, None, None))
-  per_model_acc = jax.vmap(_masked_acc, in_axes=(0, None, None))
+  def forward(p, k=None, **dropouts):
+    if multi:
+      return apply_gnn_multi(p, layers, task.graph, task.features, keys=k, graphnas_compat=hp.graphnas_compat,
+                             **dropouts)
+    return apply_gnn(p, layers, task.graph, task.features, key=k, graphnas_compat=hp.graphnas_compat, **dropouts)
 
   def loss_fn(p, k):
-    logits = apply_gnn_multi(p, layers, task.graph, task.features, keys=k, dropout=hp.dropout,
-                             att_dropout=hp.att_dropout, graphnas_compat=hp.graphnas_compat)
-    return jnp.sum(per_model_ce(logits, task.labels, task.train_mask))
+    logits = forward(p, k, dropout=hp.dropout, att_dropout=hp.att_dropout)
+    return jnp.sum(ce(logits, task.labels, task.train_mask))
 
   def eval_fn(p):
-    logits = apply_gnn_multi(p, layers, task.graph, task.features, graphnas_compat=hp.graphnas_compat)
-    return {"val_acc": per_model_acc(logits, task.labels, task.val_mask),
-            "val_loss": per_model_ce(logits, task.labels, task.val_mask),
-            "test_acc": per_model_acc(logits, task.labels, task.test_mask),
-            "train_acc": per_model_acc(logits, task.labels, task.train_mask)}
+    logits = forward(p)
+    return {"val_acc": acc(logits, task.labels, task.val_mask), "val_loss": ce(logits, task.labels, task.val_mask),
+            "test_acc": acc(logits, task.labels, task.test_mask),
+            "train_acc": acc(logits, task.labels, task.train_mask)}
 
   optimizer = optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.adam(hp.learning_rate))
   return fit(loss_fn, eval_fn, optimizer, params, keys, epochs, select="val_acc", tie_break="val_loss")
@@ -153,9 +142,9 @@ PARALLEL = ("multi", "vmap", "sequential")
 
 @functools.lru_cache(maxsize=16)
 def _compiled_fit(layers: tuple[LayerArch, ...], hp: ChildHParams, epochs: int, parallel: str):
-  one = functools.partial(_fit_one, layers, hp, epochs)
+  one = functools.partial(_fit, layers, hp, epochs, False)
   if parallel == "multi":
-    return jax.jit(functools.partial(_fit_multi, layers, hp, epochs))
+    return jax.jit(functools.partial(_fit, layers, hp, epochs, True))
   if parallel == "vmap":
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
   if parallel == "sequential":

@@ -27,28 +27,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-DATA_ENV_VAR = "JAXLAB_DATA"
+from jaxlab.common.data import DATA_ENV_VAR, default_data_dir  # noqa: F401  (re-exported)
+
 PLANETOID_NAMES = ("cora", "citeseer", "pubmed")
 PLANETOID_PARTS = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
 # tkipf/gcn: the validation nodes are the 500 allx rows that follow the labelled training rows.
 NUM_VAL = 500
-
-
-def default_data_dir() -> Path:
-  """``$JAXLAB_DATA`` if set, else ``<repo>/../shared/data``; FileNotFoundError when neither exists.
-
-  The same rule as the PONITA loaders; repeated here so that AGNN does not import another method's package.
-  """
-  env = os.environ.get(DATA_ENV_VAR)
-  if env:
-    path = Path(env).expanduser()
-    if not path.is_dir():
-      raise FileNotFoundError(f"${DATA_ENV_VAR} is set to {env!r}, which is not a directory")
-    return path
-  path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-  if not path.is_dir():
-    raise FileNotFoundError(f"no data directory: set ${DATA_ENV_VAR} or put the data sets in {path}")
-  return path
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

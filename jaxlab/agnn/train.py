@@ -13,7 +13,6 @@ nasbench   every strategy in ``nasbench.strategies`` from ``nasbench.seeds`` see
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 

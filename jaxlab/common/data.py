@@ -6,9 +6,27 @@ with ``example_mask`` marking the real rows; every metric must weight by it.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+DATA_ENV_VAR = "JAXLAB_DATA"
+
+
+def default_data_dir() -> Path:
+  """``$JAXLAB_DATA`` if set, else ``<repo>/../shared/data``; FileNotFoundError when neither exists."""
+  env = os.environ.get(DATA_ENV_VAR)
+  if env:
+    path = Path(env).expanduser()
+    if not path.is_dir():
+      raise FileNotFoundError(f"${DATA_ENV_VAR} is set to {env!r}, which is not a directory")
+    return path
+  path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+  if not path.is_dir():
+    raise FileNotFoundError(f"no data directory: set ${DATA_ENV_VAR} or put the data sets in {path}")
+  return path
 
 
 class ArrayDataset:

@@ -32,6 +32,12 @@ def learning_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str | 
     ax.plot(*zip(*points), marker="o", ms=3)
     ax.set(xlabel="step", ylabel=name, yscale=_scale([v for _, v in points]), title=name)
   fig.tight_layout()
+  return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str) -> str:
+  """Writes ``fig`` to ``out_png`` atomically (a temporary file, then a rename) and closes it."""
+  import matplotlib.pyplot as plt
   tmp = out_png + ".tmp.png"
   fig.savefig(tmp, dpi=110)
   plt.close(fig)

@@ -9,21 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-DATA_ENV_VAR = "JAXLAB_DATA"
-
-
-def default_data_dir() -> Path:
-  """``$JAXLAB_DATA`` if set, else ``<repo>/../shared/data``; FileNotFoundError when neither exists."""
-  env = os.environ.get(DATA_ENV_VAR)
-  if env:
-    path = Path(env).expanduser()
-    if not path.is_dir():
-      raise FileNotFoundError(f"${DATA_ENV_VAR} is set to {env!r}, which is not a directory")
-    return path
-  path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-  if not path.is_dir():
-    raise FileNotFoundError(f"no data directory: set ${DATA_ENV_VAR} or put the data sets in {path}")
-  return path
+from jaxlab.common.data import DATA_ENV_VAR, default_data_dir  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------------------
