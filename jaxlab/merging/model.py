@@ -25,7 +25,7 @@ from flax import nnx
 
 __all__ = [
   "LlamaConfig", "Llama", "model_from_tensors", "model_to_tensors", "tensor_shapes", "generate", "token_nll",
-  "lm_loss", "init_cache",
+  "lm_loss", "init_cache", "generate_from_state",
 ]
 
 
@@ -342,7 +342,9 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _generate(graphdef, state, prompt, lengths, max_new_tokens, greedy, temperature, key, eos_id):
+def generate_from_state(graphdef, state, prompt, lengths, max_new_tokens, greedy, temperature, key, eos_id):
+  """The jitted core of :func:`generate` on ``nnx.split`` parts (vmap it over stacked states to decode several
+  same-shaped models at once)."""
   model = nnx.merge(graphdef, state)
   b, t = prompt.shape
   total = t + max_new_tokens
@@ -393,6 +395,6 @@ def generate(model: Llama, prompt_ids, prompt_lengths, max_new_tokens: int, *, t
     raise ValueError("sampling (temperature > 0) needs a key")
   key = jax.random.key(0) if key is None else key
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, prompt, lengths, int(max_new_tokens), greedy,
+  out = generate_from_state(graphdef, state, prompt, lengths, int(max_new_tokens), greedy,
                   jnp.asarray(max(temperature, 1e-6), jnp.float32), key, eos_id)
   return np.asarray(out)
