@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-METHODS = ("ponita", "icgnn", "agnn")
+METHODS = ("ponita", "icgnn", "agnn", "merging")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, optionally with :variant", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (metrics, checkpoints, results)")
