@@ -10,7 +10,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("ponita", "icgnn", "agnn")
+METHODS = ("ponita", "icgnn", "agnn", "merging")
 
 
 def load(method: str):

@@ -66,3 +66,24 @@ def test_icgnn_cellfree_cli_trains_and_tabulates_baselines(tmp_path):
     assert {"ICGNN", "ICGNN p5", "wmmse", "fractional", "equal", "max_min"} <= set(row)
     assert row["wmmse"] > row["equal"] > 0
   assert (tmp_path / "se_cdf_l50_k20_n8.png").exists()
+
+
+def test_merging_demo_cli_small_end_to_end(tmp_path):
+  """Base, experts, four merges, the evolved merge and fusion; the evolved config reproduces through the CLI."""
+  out = run(["jaxlab.train", "--config", "configs/merging/skills.py:small", f"--workdir={tmp_path}"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.load(open(tmp_path / "results.json"))
+  rows = results["test_exact_match"]
+  assert {"base", "expert:arith", "expert:reverse", "merge:linear", "merge:task_arithmetic", "merge:ties",
+          "merge:dare_ties", "merge:evolved_ties"} <= set(rows)
+  assert {"target:sft (lam=1)", "target:fuse MinCE", "target:fuse AvgCE"} <= set(results["fusion_test_exact_match"])
+  assert all(0.0 <= v <= 1.0 for row in rows.values() for v in row.values())
+  assert (tmp_path / "table.md").exists() and (tmp_path / "homogeneous.png").exists()
+  assert len((tmp_path / "evolve" / "history.jsonl").read_text().splitlines()) == 8
+  merged = run(["jaxlab.merging.merge", str(tmp_path / "evolve" / "best.yaml"), str(tmp_path / "again"), "--quiet"])
+  assert merged.returncode == 0, merged.stderr[-3000:]
+  from jaxlab.merging import hf
+  a, b = hf.load_tensors(tmp_path / "again"), hf.load_tensors(tmp_path / "models" / "merge_evolved_ties")
+  assert a.keys() == b.keys()
+  for k in a:
+    assert (a[k] == b[k]).all(), k

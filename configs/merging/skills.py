@@ -61,16 +61,16 @@ def get_config(arg=None):
     c.experts.arith = [("add", 3, 3, 1.0)]
     c.experts.reverse = [("rev", 3, 3, 1.0)]
     for name in ("base_loop", "expert_loop", "fusion_loop"):
-      c[name].update(num_steps=40, eval_every_steps=20, log_every_steps=10, batch_size=16, eval_batch_size=64,
+      c[name].update(num_steps=20, eval_every_steps=20, log_every_steps=10, batch_size=16, eval_batch_size=64,
                      checkpoint_every_steps=20)
     c.eval_tasks = [("add", 3, 3), ("rev", 3, 3), ("both", 3, 3)]
-    c.eval_examples = 24
-    c.evolve.update(max_evals=8, popsize=4, dev_examples=16)
+    c.eval_examples = 16
+    c.evolve.update(max_evals=8, popsize=4, dev_examples=8)
     c.fusion.update(source_model=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                                       num_kv_heads=1),
                     target_model=dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                                       num_kv_heads=2),
-                    corpus=[("add", 3, 3, 1.0), ("rev", 3, 3, 1.0)], corpus_size=64)
+                    corpus=[("add", 3, 3, 1.0), ("rev", 3, 3, 1.0)], corpus_size=32)
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r}; known: small")
   return c

@@ -150,7 +150,9 @@ def cma_search(genome: Genome, tensors_by_model: dict, model_cfg: LlamaConfig, t
   history = _read_history(hist_path)
   x0 = genome.initial() if x0 is None else np.asarray(x0, np.float64)
   opts = {"bounds": [genome.lower.tolist(), genome.upper.tolist()], "seed": seed + 1, "maxfevals": max_evals,
-          "verbose": -9, "verb_log": 0, "verb_disp": 0}
+          "verbose": -9, "verb_log": 0, "verb_disp": 0,
+          # exact-match fitness is discrete: plateaus are expected, so the budget alone ends the search
+          "tolfun": 0, "tolfunhist": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
   if popsize:
     opts["popsize"] = popsize
   es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)

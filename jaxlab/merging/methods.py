@@ -249,9 +249,22 @@ def _largest_k(keys, k):
   equal = keys == thr
   need = k - jnp.sum(above, dtype=jnp.int32)
   n_equal = jnp.sum(equal, dtype=jnp.int32)
-  take = jax.lax.cond(need >= n_equal, lambda: equal,
-                      lambda: equal & (jnp.cumsum(equal, dtype=jnp.int32) <= need))
+  take = jax.lax.cond(need >= n_equal, lambda: equal, lambda: _first_n(equal, need))
   return above | take
+
+
+def _first_n(mask, count):
+  """The first `count` True entries of the 1-D bool `mask` (a bitwise search over the cut index, no cumsum)."""
+  n = mask.shape[0]
+  index = jnp.arange(n, dtype=jnp.int32)
+  bits = max(1, int(n).bit_length())
+
+  def step(i, v):
+    cand = v | (jnp.int32(1) << (bits - 1 - i))
+    return jnp.where(jnp.sum(mask & (index < cand), dtype=jnp.int32) < count, cand, v)
+
+  cut = jax.lax.fori_loop(0, bits, step, jnp.int32(0))  # the largest v with #(mask[:v]) < count
+  return mask & (index <= cut)
 
 
 def top_k_mask(deltas, k):
