@@ -4,8 +4,9 @@ The safetensors format is read and written directly: an 8-byte little-endian hea
 JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}` (offsets relative to
 the end of the header), then the raw little-endian tensor bytes.
 
-- `CheckpointReader` memory-maps one shard at a time and copies out ONE tensor per `get`, so reading a model costs
-  about one tensor of memory, however large the checkpoint.
+- `CheckpointReader` keeps one shard file open at a time and reads ONE tensor per `get` straight into a fresh
+  array (positioned reads, no memory map, so file pages never count toward the process's resident memory); reading
+  a model costs about one tensor of memory, however large the checkpoint.
 - `write_checkpoint` streams `(name, array)` pairs into shards.  Each shard's bytes go to a scratch data file first;
   when the shard is full its header is written and the data appended behind it (`os.copy_file_range`, falling back
   to a chunked copy), so at most one tensor is held in memory.  Shards are named after the fact
@@ -35,6 +36,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _MAX_HEADER = 100 * 1024 * 1024
+_PREADV = hasattr(os, "preadv")
 
 _DTYPES = {
   "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -199,11 +201,27 @@ class MissingTensorError(ValueError, KeyError):
     return ValueError.__str__(self)
 
 
+def _read_into(f, buf, offset, path, name):
+  """Fill the byte memoryview `buf` from the raw file `f` starting at `offset` (ValueError if the file is short)."""
+  fd = f.fileno()
+  done, total = 0, len(buf)
+  while done < total:
+    if _PREADV:
+      n = os.preadv(fd, [buf[done:]], offset + done)
+    else:
+      f.seek(offset + done)
+      n = f.readinto(buf[done:])
+    if not n:
+      raise ValueError(f"safetensors file {path} ended while reading tensor {name!r} ({done} of {total} bytes)")
+    done += n
+
+
 class CheckpointReader:
   """Read-only view of a checkpoint: a directory (single `model.safetensors` or shards + index) or one file.
 
   `names()` lists tensors in file order (shards in index order, data-offset order within a shard).  `get(name)`
-  returns a fresh C-contiguous numpy copy of one tensor; only the memory map of the shard last read is kept open.
+  returns a fresh C-contiguous numpy array of one tensor, read from the file directly into it; only the shard last
+  read is kept open (one file handle).
   """
 
   def __init__(self, path):
@@ -257,8 +275,8 @@ class CheckpointReader:
       if missing:
         raise ValueError(f"index {os.path.join(self.path, INDEX_FILE)}: tensor {missing[0]!r} is not in shard "
                          f"{weight_map[missing[0]]}")
-    self._mmap_path = None
-    self._mmap = None
+    self._file_path = None
+    self._file = None
 
   @property
   def config(self):
@@ -296,17 +314,18 @@ class CheckpointReader:
     shard, dtype, shape, begin, end = self._info(name)
     if end == begin:
       return np.zeros(shape, dtype)
-    if self._mmap_path != shard:
-      self._mmap = None
-      self._mmap = np.memmap(shard, dtype=np.uint8, mode="r")
-      self._mmap_path = shard
+    if self._file_path != shard:
+      self.close()
+      self._file = open(shard, "rb", buffering=0)
+      self._file_path = shard
     out = np.empty(shape, dtype)
-    out.reshape(-1).view(np.uint8)[:] = self._mmap[begin:end]
+    _read_into(self._file, memoryview(out.reshape(-1).view(np.uint8)), begin, shard, name)
     return out
 
   def close(self):
-    self._mmap = None
-    self._mmap_path = None
+    f, self._file, self._file_path = self._file, None, None
+    if f is not None:
+      f.close()
 
   def __enter__(self):
     return self

@@ -1,15 +1,18 @@
 """Streaming merge of Hugging Face-style checkpoints from a mergekit YAML config.
 
     python -m jaxlab.merging.merge CONFIG.yaml OUT_DIR [--overwrite] [--shard-size BYTES] [--seed N] [--quiet]
+        [--prefetch] [--compile-cache DIR]
 
 The merge is planned from the checkpoint headers only (tensor names, shapes, config.json), after a compatibility
-check, and then executed tensor by tensor: the inputs of one output tensor are read from every model (one shard
-memory map at a time), merged by the jitted kernel from `jaxlab.merging.methods` on the default JAX device, cast to
-the output dtype and streamed to the sharded writer.  Memory stays at a few tensors per model.  The output directory
-is built beside OUT_DIR and renamed into place.  `prefetch=True` (`--prefetch`) reads the next tensor on a
-background thread while the current one is merged and written; it is off by default because on a 2-core machine
-with a fast disk it was slower (warm and cold page cache alike), and it may pay off with slow storage and an
-accelerator doing the arithmetic.
+check, and then executed tensor by tensor: the inputs of one output tensor are read from every model (one open
+shard file per model, read straight into fresh arrays), merged by the jitted kernel from `jaxlab.merging.methods` on
+the default JAX device, cast to the output dtype and streamed to the sharded writer.  Memory stays at a few tensors
+per model.  The output directory is built beside OUT_DIR and renamed into place.  `prefetch=True` (`--prefetch`)
+reads the next tensor on a background thread while the current one is merged and written; it is off by default
+because on a 2-core machine with a fast disk it was slower (warm and cold page cache alike), and it may pay off with
+slow storage and an accelerator doing the arithmetic.  `--compile-cache DIR` turns on JAX's persistent compilation
+cache in DIR (every kernel is stored, however fast it compiled), so repeated merges with the same tensor shapes skip
+most compilation.
 
 `merge_in_memory` runs the same plan and the same per-tensor function on in-memory dicts, so the two agree bit for
 bit.  Conventions:
@@ -44,7 +47,7 @@ from jaxlab.merging.config import METHODS, MergeConfig, layer_index, load_config
 from jaxlab.merging.hf import CheckpointReader, write_checkpoint
 
 __all__ = ["run_merge", "merge_in_memory", "plan_merge", "merge_tensor", "MergeTask", "ARCH_KEYS", "check_tokenizers",
-           "main"]
+           "enable_compile_cache", "main"]
 
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size")
@@ -323,7 +326,7 @@ def _vec(params, key, task):
   for v, (path, _) in zip(vals, task.sources):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
       raise ValueError(f"{task.name}: parameter {key!r} for model {path} must be a number, got {v!r}")
-  return np.asarray(vals, np.float32)
+  return np.asarray(vals, np.float64)
 
 
 def _scalar(gparams, key, task):
@@ -346,9 +349,9 @@ def merge_tensor(method, task: MergeTask, base, sources, seed=0):
   if method == "passthrough":
     scale = _scalar(g, "scale", task)
     if scale == 1.0:
-      return np.asarray(sources[0]).astype(out_dtype)
+      return np.array(sources[0], dtype=out_dtype, copy=True)
   ct = jnp.promote_types(jnp.promote_types(jnp.result_type(*([ref] + list(sources))), out_dtype), jnp.float32)
-  srcs = jnp.stack([jnp.asarray(s, dtype=ct) for s in sources])
+  srcs = [jnp.asarray(s, dtype=ct) for s in sources]
   b = jnp.asarray(base, dtype=ct) if base is not None else None
   try:
     if method == "passthrough":
@@ -383,7 +386,7 @@ def merge_tensor(method, task: MergeTask, base, sources, seed=0):
     if str(e).startswith(task.name):
       raise
     raise ValueError(f"{task.name}: {e}") from None
-  return np.asarray(out).astype(out_dtype)
+  return np.asarray(out).astype(out_dtype, copy=False)
 
 
 def _inputs(task, get):
@@ -508,6 +511,16 @@ def run_merge(config, out_dir, *, overwrite=False, max_shard_bytes=5e9, seed=0, 
       r.close()
 
 
+def enable_compile_cache(cache_dir):
+  """Store every compiled kernel in JAX's persistent compilation cache under `cache_dir` (created if needed)."""
+  cache_dir = os.path.abspath(os.fspath(cache_dir))
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return cache_dir
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m jaxlab.merging.merge",
                                description="Merge Hugging Face safetensors checkpoints from a mergekit YAML config.")
@@ -518,7 +531,11 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="random seed for DARE masks (default 0)")
   ap.add_argument("--quiet", action="store_true", help="no progress output")
   ap.add_argument("--prefetch", action="store_true", help="read the next tensor on a background thread")
+  ap.add_argument("--compile-cache", metavar="DIR", default=None,
+                  help="persistent JAX compilation cache directory (reused across runs)")
   args = ap.parse_args(argv)
+  if args.compile_cache:
+    enable_compile_cache(args.compile_cache)
   try:
     out = run_merge(args.config, args.out_dir, overwrite=args.overwrite, max_shard_bytes=args.shard_size,
                     seed=args.seed, progress=not args.quiet, prefetch=args.prefetch)

@@ -2,11 +2,10 @@
 
 Three tasks on digit strings, each a prompt and an exact-match answer:
 
-- ``add``: ``"123+45="`` -> the sum written least-significant digit first (``"861"`` for 168), the order in which
-  a left-to-right model can produce carries.
-- ``rev``: ``"r12345="`` -> ``"54321"``.
-- ``both``: ``"r123+45="`` -> reverse the first operand, then add: 321 + 45 = 366, written ``"663"``.  It needs both
-  skills in one pass, so it probes the combinatorial effect of merging an arithmetic and a reversal expert.
+- ``inc`` (digit-wise modular arithmetic): ``"i12395="`` -> ``"23406"``, every digit plus one modulo 10.
+- ``rev`` (symbolic rewriting): ``"r12345="`` -> ``"54321"``.
+- ``both``: ``"b12345="`` -> reverse, then increment every digit: ``"65432"``.  It needs both skills in one pass, so
+  it probes the combinatorial effect of merging an arithmetic and a reversal expert.
 
 Difficulty is the digit count.  A base model sees all three formats at short lengths; each expert is then fine-tuned
 on one skill at long lengths, and the merged model is tested on both skills and on ``both`` at long lengths.
@@ -21,7 +20,7 @@ import hashlib
 
 import numpy as np
 
-TASKS = ("add", "rev", "both")
+TASKS = ("inc", "rev", "both")
 SPLITS = ("train", "dev", "test")
 
 
@@ -29,7 +28,7 @@ SPLITS = ("train", "dev", "test")
 class CharTokenizer:
   """One token per character, plus pad (0), bos and eos."""
 
-  alphabet: str = "0123456789+=r"
+  alphabet: str = "0123456789=ibr"
   name: str = "char"
 
   @property
@@ -94,24 +93,27 @@ class ChunkTokenizer(CharTokenizer):
     return out
 
 
-def answer(task: str, a: str, b: str | None = None) -> str:
-  if task == "add":
-    return str(int(a) + int(b))[::-1]
+def _inc(a: str) -> str:
+  return "".join(str((int(c) + 1) % 10) for c in a)
+
+
+_PREFIX = {"inc": "i", "rev": "r", "both": "b"}
+
+
+def answer(task: str, a: str) -> str:
+  if task == "inc":
+    return _inc(a)
   if task == "rev":
     return a[::-1]
   if task == "both":
-    return str(int(a[::-1]) + int(b))[::-1]
+    return _inc(a[::-1])
   raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 
-def prompt(task: str, a: str, b: str | None = None) -> str:
-  if task == "add":
-    return f"{a}+{b}="
-  if task == "rev":
-    return f"r{a}="
-  if task == "both":
-    return f"r{a}+{b}="
-  raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+def prompt(task: str, a: str) -> str:
+  if task not in _PREFIX:
+    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+  return f"{_PREFIX[task]}{a}="
 
 
 def _split_of(text: str, fractions=(0.8, 0.1, 0.1)) -> str:
@@ -119,10 +121,8 @@ def _split_of(text: str, fractions=(0.8, 0.1, 0.1)) -> str:
   return "train" if h < fractions[0] else ("dev" if h < fractions[0] + fractions[1] else "test")
 
 
-def _number(rng, digits: int, leading_zero: bool) -> str:
-  first = rng.integers(0 if leading_zero else 1, 10)
-  rest = rng.integers(0, 10, digits - 1)
-  return str(first) + "".join(map(str, rest))
+def _number(rng, digits: int) -> str:
+  return "".join(map(str, rng.integers(0, 10, digits)))
 
 
 def sample(task: str, n: int, digits: tuple[int, int], split: str, seed: int, *,
@@ -144,13 +144,12 @@ def sample(task: str, n: int, digits: tuple[int, int], split: str, seed: int, *,
   for _ in range(200 * n + 1000):
     if len(out) == n:
       break
-    a = _number(rng, int(rng.integers(lo, hi + 1)), leading_zero=task != "add")
-    b = None if task == "rev" else _number(rng, int(rng.integers(lo, hi + 1)), leading_zero=False)
-    p = prompt(task, a, b)
+    a = _number(rng, int(rng.integers(lo, hi + 1)))
+    p = prompt(task, a)
     if p in seen or _split_of(p) != split:
       continue
     seen.add(p)
-    out.append((p, answer(task, a, b)))
+    out.append((p, answer(task, a)))
   if len(out) < n and not allow_fewer:
     raise ValueError(f"only {len(out)} distinct {task} prompts with digits {digits} in split {split}; asked {n}")
   return out

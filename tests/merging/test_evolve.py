@@ -55,7 +55,7 @@ def test_ties_genome_decodes_into_the_box():
 
 def test_batched_scoring_equals_single_models():
   _, experts = _models(3, seed=1)
-  pairs = skills.sample("add", 12, (1, 2), "dev", seed=0)
+  pairs = skills.sample("inc", 12, (1, 3), "dev", seed=0)
   many = evolve.exact_match_many(experts, CFG, TOK, pairs)
   one = [lm.exact_match(model_from_tensors(CFG, t), TOK, pairs) for t in experts]
   np.testing.assert_allclose(many, one)
@@ -65,7 +65,7 @@ def test_search_writes_history_and_resumes_by_replay(tmp_path):
   base, experts = _models(2, seed=2)
   tensors = {"/base": base, "/a": experts[0], "/b": experts[1]}
   g = evolve.Genome("task_arithmetic", CFG.num_layers, ["/a", "/b"], "/base")
-  dev = {"add": skills.sample("add", 8, (1, 1), "dev", seed=0, allow_fewer=True)}
+  dev = {"inc": skills.sample("inc", 8, (1, 3), "dev", seed=0)}
   kw = dict(max_evals=8, popsize=4, sigma0=0.3, seed=1, log=lambda *_: None)
   first = evolve.cma_search(g, tensors, CFG, TOK, dev, str(tmp_path / "a"), **kw)
   hist = (tmp_path / "a" / "history.jsonl").read_text().splitlines()

@@ -94,6 +94,37 @@ def test_sharded_write_index_and_read_back(tmp_path):
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
+def test_reader_reads_fresh_arrays_and_reopens(tmp_path):
+  rng = np.random.default_rng(4)
+  t = [(f"w{i}", rng.normal(size=(6, 5)).astype(np.float32)) for i in range(4)]
+  out = hf.write_checkpoint(tmp_path / "ck", iter(t), None, max_shard_bytes=250)
+  r = hf.CheckpointReader(out)
+  for n, a in t[::-1] + t:  # back and forth across shards
+    got = r.get(n)
+    _same(got, a)
+    assert got.flags.writeable and got.flags.owndata
+  got[...] = 0
+  _same(r.get(t[-1][0]), t[-1][1])
+  r.close()
+  r.close()
+  _same(r.get(t[0][0]), t[0][1])
+  with r:
+    _same(r.get(t[1][0]), t[1][1])
+  assert r._file is None
+
+
+def test_reader_truncated_after_open(tmp_path):
+  p = tmp_path / "x.safetensors"
+  hf.save_tensors(p, {"a": np.arange(8, dtype=np.float32), "b": np.arange(8, dtype=np.float32)})
+  r = hf.CheckpointReader(p)
+  size = os.path.getsize(p)
+  with open(p, "r+b") as f:
+    f.truncate(size - 12)
+  _same(r.get("a"), np.arange(8, dtype=np.float32))
+  with pytest.raises(ValueError, match="ended while reading tensor 'b'"):
+    r.get("b")
+
+
 def test_single_shard_directory(tmp_path):
   out = hf.write_checkpoint(tmp_path / "ck", {"x": np.ones(3, np.float16)}, None)
   assert sorted(os.listdir(out)) == ["model.safetensors"]

@@ -134,6 +134,45 @@ def test_ties_full_density_matches_numpy(models):
   np.testing.assert_allclose(got[n], ref, rtol=1e-5, atol=1e-6)
 
 
+def _ties_ref(base, srcs, weights, densities):
+  """numpy TIES (mergekit semantics): per model keep max(1, int(density * n)) largest |delta|, sum-elected signs,
+  disjoint weighted mean."""
+  b = base.astype(np.float64)
+  us = []
+  for x, w, d in zip(srcs, weights, densities):
+    delta = (x.astype(np.float64) - b).ravel()
+    k = max(1, int(d * delta.size))
+    keep = np.zeros(delta.size, bool)
+    keep[np.argsort(-np.abs(delta), kind="stable")[:k]] = True
+    us.append(w * np.where(keep, delta, 0).reshape(b.shape))
+  u = np.stack(us)
+  ws = np.array(weights, np.float64).reshape((-1,) + (1,) * b.ndim)
+  agree = np.sign(u) == np.where(u.sum(0) >= 0, 1.0, -1.0)
+  den = np.where(agree, ws, 0).sum(0)
+  return b + np.where(agree, u, 0).sum(0) / np.where(den == 0, 1, den)
+
+
+@pytest.mark.parametrize("density", [0.7, 0.3, 0.6, 0.9])
+def test_ties_kept_count_uses_float64_density(density):
+  rng = np.random.default_rng(5)
+  base = rng.normal(size=10).astype(np.float32)
+  perm = [rng.permutation(10) for _ in range(2)]
+  srcs = [base + (0.1 * (p + 1) * np.where(rng.random(10) < 0.5, -1, 1)).astype(np.float32) for p in perm]
+  k = max(1, int(density * 10))
+  for i, s in enumerate(srcs):
+    cfg = {"merge_method": "ties", "base_model": "base",
+           "models": [{"model": "m", "parameters": {"weight": 1.0, "density": density}}]}
+    got = merge_in_memory(cfg, {"base": {"w": base}, "m": {"w": s}})["w"]
+    changed = got != base
+    assert changed.sum() == k, (i, changed.sum())
+    assert set(np.flatnonzero(changed)) == set(np.flatnonzero(perm[i] >= 10 - k))
+  cfg = {"merge_method": "ties", "base_model": "base",
+         "models": [{"model": "m1", "parameters": {"weight": 0.6, "density": density}},
+                    {"model": "m2", "parameters": {"weight": 1.3, "density": 0.7}}]}
+  got = merge_in_memory(cfg, {"base": {"w": base}, "m1": {"w": srcs[0]}, "m2": {"w": srcs[1]}})["w"]
+  np.testing.assert_allclose(got, _ties_ref(base, srcs, [0.6, 1.3], [density, 0.7]), rtol=1e-6, atol=1e-7)
+
+
 def test_dare_seed_reproducible(models):
   _, t = models
   a = merge_in_memory(_cfg("dare_ties"), t, seed=1)
@@ -229,8 +268,10 @@ def test_cli_end_to_end(models, tmp_path):
   cmd = [sys.executable, "-m", "jaxlab.merging.merge", str(tmp_path / "cfg.yaml"), str(tmp_path / "out"),
          "--shard-size", str(SHARD), "--seed", "0"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=env, timeout=120)
+  r = subprocess.run(cmd + ["--compile-cache", str(tmp_path / "jit")], capture_output=True, text=True, cwd="/",
+                     env=env, timeout=120)
   assert r.returncode == 0, r.stderr
+  assert os.listdir(tmp_path / "jit")  # compiled kernels stored
   assert "[merge]" in r.stderr and f"{len(t['base'])}/{len(t['base'])} tensors" in r.stderr
   shards = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
   got = {}
