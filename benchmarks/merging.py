@@ -8,7 +8,7 @@ Three float32 Hugging Face-format Llama checkpoints with SmolLM2-135M shapes (vo
 ``--workdir``: a random base (matrices N(0, 0.02), norm weights 1 + N(0, 0.02)) and two experts, base plus a
 deterministic N(0, 1e-3) perturbation each.  ``--small`` uses 2 layers of width 64 for a smoke test.
 
-For each method (linear over the two experts; ties and dare_ties with the base model, density 0.5) one mergekit
+For each method (linear over all three; ties and dare_ties with the base model, density 0.5) one mergekit
 YAML config (``dtype: float32``) is written and merged, in the same run, by
 
   mergekit   ``mergekit-yaml CFG OUT --no-copy-tokenizer --no-write-model-card --quiet`` (mergekit's CPU defaults:
@@ -123,8 +123,9 @@ def merge_config(method: str, paths: dict, density: float) -> str:
   a, b = paths["expert_a"], paths["expert_b"]
   if method == "linear":
     return (f"merge_method: linear\ndtype: float32\nmodels:\n"
-            f"  - model: {a}\n    parameters:\n      weight: 0.6\n"
-            f"  - model: {b}\n    parameters:\n      weight: 0.4\n")
+            f"  - model: {paths['base']}\n    parameters:\n      weight: 0.2\n"
+            f"  - model: {a}\n    parameters:\n      weight: 0.5\n"
+            f"  - model: {b}\n    parameters:\n      weight: 0.3\n")
   return (f"merge_method: {method}\ndtype: float32\nbase_model: {paths['base']}\nmodels:\n"
           f"  - model: {a}\n    parameters:\n      weight: 0.6\n      density: {density}\n"
           f"  - model: {b}\n    parameters:\n      weight: 0.4\n      density: {density}\n")
