@@ -26,14 +26,17 @@ def get_config(arg=None):
                                            num_kv_heads=2, rope_theta=10000.0))
   # (task, lo digits, hi digits, weight)
   c.base_mixture = [("inc", 1, 3, 1.0), ("rev", 1, 3, 1.0), ("both", 1, 3, 1.0)]
+  # each expert: its skill at long lengths, plus a replay of the base formats (an expert keeps its general abilities;
+  # without the replay the fine-tunes drift so far from the base that no merge of them works)
+  replay = [("inc", 1, 3, 1 / 6), ("rev", 1, 3, 1 / 6), ("both", 1, 3, 1 / 6)]
   c.experts = ml_collections.ConfigDict(dict(
-      arith=[("inc", 4, 6, 1.0)],
-      reverse=[("rev", 4, 6, 1.0)],
+      arith=[("inc", 4, 6, 1.0)] + replay,
+      reverse=[("rev", 4, 6, 1.0)] + replay,
   ))
   c.base_loop = loop_config(batch_size=64, eval_batch_size=256, num_steps=3000, learning_rate=2e-3,
                             warmup_epochs=2, weight_decay=0.01, grad_clip=1.0, eval_every_steps=500,
                             log_every_steps=100, checkpoint_every_steps=500)
-  c.expert_loop = loop_config(batch_size=64, eval_batch_size=256, num_steps=1500, learning_rate=1e-3,
+  c.expert_loop = loop_config(batch_size=64, eval_batch_size=256, num_steps=1500, learning_rate=2e-4,
                               warmup_epochs=1, weight_decay=0.01, grad_clip=1.0, eval_every_steps=500,
                               log_every_steps=100, checkpoint_every_steps=500)
   # evaluation: exact match on `eval_examples` distinct prompts per task
@@ -42,14 +45,14 @@ def get_config(arg=None):
   # homogeneous merges (mergekit semantics); density for TIES / DARE-TIES, weight per expert
   c.merge = ml_collections.ConfigDict(dict(weight=1.0, density=0.5, seed=0))
   # layer-wise evolutionary merging (CMA-ES over per-layer TIES weight and density per expert)
-  c.evolve = ml_collections.ConfigDict(dict(method="ties", layer_granularity=1, max_evals=96, sigma0=0.2,
-                                            popsize=0, dev_examples=150, seed=0, weight_bounds=(0.0, 1.5)))
+  c.evolve = ml_collections.ConfigDict(dict(method="ties", layer_granularity=1, max_evals=480, sigma0=0.2,
+                                            popsize=0, dev_examples=100, seed=0, weight_bounds=(0.0, 1.5)))
   # heterogeneous fusion
   c.fusion = ml_collections.ConfigDict(dict(
       enabled=True,
       source_model=dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=4),
       target_model=dict(hidden_size=112, intermediate_size=320, num_layers=3, num_heads=4, num_kv_heads=1),
-      corpus=[("inc", 4, 6, 1.0), ("rev", 4, 6, 1.0), ("both", 1, 3, 1.0)],
+      corpus=[("inc", 4, 6, 1.0), ("rev", 4, 6, 1.0), ("inc", 1, 3, 1.0), ("rev", 1, 3, 1.0), ("both", 1, 3, 1.0)],
       corpus_size=4096, top_k=10, lam=0.9, mapping="min_edit",
   ))
   c.fusion_loop = loop_config(batch_size=64, eval_batch_size=256, num_steps=1000, learning_rate=1e-3,

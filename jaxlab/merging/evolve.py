@@ -166,9 +166,9 @@ def cma_search(genome: Genome, tensors_by_model: dict, model_cfg: LlamaConfig, t
     for i, x in enumerate(xs):
       if done + i < len(history):
         row = history[done + i]
-        if not np.allclose(row["x"], np.asarray(x), rtol=0, atol=1e-9):
+        if not np.allclose(row["x"], np.asarray(x), rtol=0, atol=1e-9) or set(row["dev"]) != set(dev_suites):
           raise ValueError(f"{hist_path} does not replay: entry {done + i} differs from the seeded search "
-                           "(different settings?); move it away to start afresh")
+                           "(different settings or dev tasks?); move it away to start afresh")
         fits.append(row["fitness"])
       else:
         fits.append(None)

@@ -193,7 +193,7 @@ def run(config, workdir: str, log=print) -> dict:
       table[name] = lm.score(tensors, cfg_, tok, suites)
       metrics_lib.write_json_atomic(scores_path, table)
       log(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
-  return table
+  return {name: table[name] for name, *_ in rows}
 
 
 def _with_loop(config):

@@ -129,31 +129,31 @@ def homogeneous(config, workdir, log=print):
   genome = evolve.Genome(ev.method, mcfg.num_layers, expert_paths, path("base"),
                          layer_granularity=int(ev.layer_granularity), weight_bounds=tuple(ev.weight_bounds))
   dev = task_suites(config, "dev", ev.dev_examples)
-  dev = {k: v for k, v in dev.items() if k in _long_tasks(config)}
   best = evolve.cma_search(genome, tensors_by_model, mcfg, tok, dev, os.path.join(workdir, "evolve"),
                            max_evals=int(ev.max_evals), sigma0=float(ev.sigma0), popsize=int(ev.popsize),
                            seed=int(ev.seed), x0=genome.initial(float(config.merge.weight),
                                                                 float(config.merge.density)),
                            merge_seed=int(config.merge.seed), log=log)
   name = f"merge:evolved_{ev.method}"
+  scored = os.path.join(workdir, "evolve", "scored_genome.json")
+  if name in table and (not os.path.exists(scored) or json.load(open(scored)) != best["x"]):
+    del table[name]          # a longer search found another genome: score it again
   if name not in table:
     merged = merge_lib.merge_in_memory(best["config"], tensors_by_model, seed=int(config.merge.seed))
     _save_merge(workdir, f"evolved_{ev.method}", best["config"], merged, mcfg)
     record(name, merged)
+    metrics_lib.write_json_atomic(scored, best["x"])
+  order = ["base"] + [f"expert:{n}" for n in experts] + [f"merge:{n}" for n in baseline_merges(config, "", [])] + [name]
+  table = {k: table[k] for k in order}
   return table, {"evolve_best_dev": best["dev"], "evolve_best_fitness": best["fitness"],
                  "evolve_evaluations": int(ev.max_evals), "genome_size": genome.size}
-
-
-def _long_tasks(config):
-  """The evaluation tasks at the experts' lengths (the first three of ``eval_tasks``), used for dev fitness."""
-  return [f"{t}{lo}-{hi}" for t, lo, hi in list(config.eval_tasks)[:3]]
 
 
 def train_and_evaluate(config, workdir: str, eval_only: bool = False, log=print) -> Result:
   del eval_only
   os.makedirs(workdir, exist_ok=True)
   table, extra = homogeneous(config, workdir, log)
-  columns = list(next(iter(table.values())))
+  columns = [f"{t}{lo}-{hi}" for t, lo, hi in config.eval_tasks]
   results = {"test_exact_match": table, **extra}
   if config.fusion.enabled:
     from jaxlab.merging import fusion_demo
@@ -164,7 +164,7 @@ def train_and_evaluate(config, workdir: str, eval_only: bool = False, log=print)
   _plot(table, columns, os.path.join(workdir, "homogeneous.png"), "experts and their merges")
   if "fusion_test_exact_match" in results:
     ft = results["fusion_test_exact_match"]
-    fcols = list(next(iter(ft.values())))
+    fcols = columns
     md += "\n## Heterogeneous fusion (test exact match, %)\n\n" + _table_md(ft, fcols)
     _plot(ft, fcols, os.path.join(workdir, "fusion.png"), "distribution fusion into a different architecture")
   tmp = os.path.join(workdir, ".table.md.tmp")
