@@ -54,6 +54,7 @@ def get_config(arg=None):
       target_model=dict(hidden_size=112, intermediate_size=320, num_layers=3, num_heads=4, num_kv_heads=1),
       corpus=[("inc", 4, 6, 1.0), ("rev", 4, 6, 1.0), ("inc", 1, 3, 1.0), ("rev", 1, 3, 1.0), ("both", 1, 3, 1.0)],
       corpus_size=4096, top_k=10, lam=0.9, mapping="min_edit",
+      seed=0,                   # batch order of the fusion fine-tunes (0: the default order)
   ))
   c.fusion_loop = loop_config(batch_size=64, eval_batch_size=256, num_steps=1000, learning_rate=1e-3,
                               warmup_epochs=1, weight_decay=0.01, grad_clip=1.0, eval_every_steps=500,

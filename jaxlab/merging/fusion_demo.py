@@ -108,7 +108,8 @@ def fusion_task(model_cfg, init_tensors, tok, corpus, targets, cfg, lam: float, 
     return total, {"clm": fusion.clm_loss(logits, batch["tokens"][:, 1:], m)}
 
   def train_batch(step):
-    rows = np.random.default_rng([int(cfg.data_seed), 7, step]).integers(0, len(corpus), bs)
+    order = [int(cfg.data_seed), 7, step] + ([int(cfg.fusion.seed)] if int(cfg.fusion.seed) else [])
+    rows = np.random.default_rng(order).integers(0, len(corpus), bs)
     return {"tokens": toks[rows], "mask": mask[rows], "probs": probs[rows], "ids": ids[rows], "valid": valid[rows]}
 
   base_task = dev_task
