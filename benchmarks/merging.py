@@ -42,7 +42,9 @@ FULL = dict(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_h
 SMALL = dict(vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
 MODELS = ("base", "expert_a", "expert_b")
 METHODS = ("linear", "ties", "dare_ties")
-DEFAULT_MERGEKIT = "/work/mkvenv/bin/mergekit-yaml"
+# mergekit pins its own torch, so it usually lives in a separate virtual environment: point --mergekit (or
+# MERGEKIT_YAML) at that environment's mergekit-yaml.
+DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml") or ""
 
 
 def tensor_specs(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
