@@ -112,10 +112,9 @@ def fusion_task(model_cfg, init_tensors, tok, corpus, targets, cfg, lam: float, 
     rows = np.random.default_rng(order).integers(0, len(corpus), bs)
     return {"tokens": toks[rows], "mask": mask[rows], "probs": probs[rows], "ids": ids[rows], "valid": valid[rows]}
 
-  base_task = dev_task
   return loop.Task(init_model=lambda key: model_from_tensors(model_cfg, init_tensors), loss_fn=loss_fn,
-                   eval_fn=base_task.eval_fn, train_batch=train_batch, steps_per_epoch=int(cfg.steps_per_epoch),
-                   eval_sets=base_task.eval_sets, finalize=base_task.finalize, select="nll")
+                   eval_fn=dev_task.eval_fn, train_batch=train_batch, steps_per_epoch=int(cfg.steps_per_epoch),
+                   eval_sets=dev_task.eval_sets, finalize=dev_task.finalize, select="nll")
 
 
 def pretrain(config, workdir: str, log=print):

@@ -112,6 +112,14 @@ def _parts(tensors):
   return list(tensors) if isinstance(tensors, tuple) else [tensors[i] for i in range(tensors.shape[0])]
 
 
+def _task_vector_inputs(base, tensors, weights):
+  """Validated (base, tensors, number of models, per-model weights) of a task-vector method."""
+  tensors = _stack(tensors)
+  base = _check_base(base, tensors)
+  m = _num_models(tensors)
+  return base, tensors, m, _per_model(weights, m, "weights")
+
+
 def _check_base(base, tensors):
   base = jnp.asarray(base)
   if _model_shape(tensors) != tuple(base.shape):
@@ -409,10 +417,7 @@ def ties(base, tensors, weights, density, *, majority="sum", normalize=True, lam
   """
   _check_majority(majority)
   rescale = _check_rescale(rescale)
-  tensors = _stack(tensors)
-  base = _check_base(base, tensors)
-  m = _num_models(tensors)
-  weights = _per_model(weights, m, "weights")
+  base, tensors, m, weights = _task_vector_inputs(base, tensors, weights)
   _check_range(density, "density", 0, 1, lo_open=False)
   counts = _ties_counts(density, m, base.size)
   return _ties(base, tensors, weights, counts, _per_model(density, m, "density"),
@@ -459,10 +464,7 @@ def dare(base, tensors, weights, density, key, *, rescale=True, then="linear", m
   _check_majority(majority)
   rescale = _check_rescale(rescale)
   normalize = bool(normalize)
-  tensors = _stack(tensors)
-  base = _check_base(base, tensors)
-  m = _num_models(tensors)
-  weights = _per_model(weights, m, "weights")
+  base, tensors, m, weights = _task_vector_inputs(base, tensors, weights)
   density = _per_model(density, m, "density")
   _check_range(density, "density", 0, 1, lo_open=True)
   return _dare(base, tensors, weights, density, key, jnp.asarray(lambda_, jnp.float32), rescale,
@@ -524,10 +526,7 @@ def breadcrumbs(base, tensors, weights, density, gamma=0.01, *, lambda_=1.0, nor
   if majority is not None:
     _check_majority(majority)
   rescale = _check_rescale(rescale)
-  tensors = _stack(tensors)
-  base = _check_base(base, tensors)
-  m = _num_models(tensors)
-  weights = _per_model(weights, m, "weights")
+  base, tensors, m, weights = _task_vector_inputs(base, tensors, weights)
   _check_range(density, "density", 0, 1, lo_open=False)
   _check_range(gamma, "gamma", 0, 1, lo_open=False)
   bounds = _breadcrumb_bounds(density, gamma, m, base.size)
