@@ -23,7 +23,7 @@ from flax import nnx
 from jaxlab.common import loop
 from jaxlab.common import metrics as metrics_lib
 from jaxlab.merging import fusion, hf, lm, skills
-from jaxlab.merging.model import model_from_tensors, model_to_tensors
+from jaxlab.merging.model import model_from_tensors
 
 
 def teacher_topk(tensors, model_cfg, tok, texts, length, k, batch=256):
@@ -167,19 +167,12 @@ def run(config, workdir: str, log=print) -> dict:
   log(f"fusion corpus: {len(corpus)} sequences; teacher answer CE (arith, reverse): "
       f"{ces.mean(axis=1).round(3).tolist()}")
 
-  dev_task = lm.stage_task(tgt_cfg, corpus_mix, char, _with_loop(config), None)
+  dev_task = lm.stage_task(tgt_cfg, corpus_mix, char, lm.with_loop(config, config.fusion_loop), None)
   models = {}
   for name, lam, tgt in (("sft", 1.0, None), ("fuse_min_ce", float(fc.lam), targets["min_ce"]),
                          ("fuse_avg_ce", float(fc.lam), targets["avg_ce"])):
-    out = os.path.join(workdir, "models", f"fusion_{name}")
-    if os.path.exists(os.path.join(out, "config.json")):
-      models[name] = hf.load_tensors(out)
-      continue
-    task = fusion_task(tgt_cfg, target0, char, corpus, tgt, config, lam, dev_task)
-    result = loop.train(task, config.fusion_loop, os.path.join(workdir, "stages", f"fusion_{name}"), log=log)
-    model = nnx.merge(result.graphdef, result.state["best_params"], result.state["rest"])
-    models[name] = model_to_tensors(model)
-    hf.write_checkpoint(out, models[name], tgt_cfg.to_hf(), overwrite=True)
+    make = lambda lam=lam, tgt=tgt: fusion_task(tgt_cfg, target0, char, corpus, tgt, config, lam, dev_task)
+    models[name] = lm.run_stage(f"fusion_{name}", workdir, tgt_cfg, make, config.fusion_loop, log)
 
   suites = task_suites(config, "test", config.eval_examples)
   scores_path = os.path.join(workdir, "fusion_scores.json")
@@ -194,12 +187,3 @@ def run(config, workdir: str, log=print) -> dict:
       metrics_lib.write_json_atomic(scores_path, table)
       log(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
   return {name: table[name] for name, *_ in rows}
-
-
-def _with_loop(config):
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.loop = config.fusion_loop
-  return c
-
-

@@ -62,23 +62,33 @@ def stage_task(model_cfg: LlamaConfig, mixture: skills.Mixture, tok, cfg, init_t
                    finalize=lambda s: {"nll": s["nll"] / max(s["count"], 1.0)}, select="nll")
 
 
-def train_stage(name: str, workdir: str, model_cfg: LlamaConfig, mixture: skills.Mixture, tok, cfg, loop_cfg,
-                init_tensors=None, log=print) -> dict[str, np.ndarray]:
-  """Train (or resume, or read back) one stage; returns its best tensors and leaves
-  ``workdir/models/<name>`` as a Hugging Face checkpoint."""
+def with_loop(cfg, loop_cfg):
+  """A copy of the demonstration config whose ``loop`` entry is ``loop_cfg`` (what :func:`stage_task` reads)."""
+  out = cfg.copy_and_resolve_references()
+  with out.unlocked():
+    out.loop = loop_cfg
+  return out
+
+
+def run_stage(name: str, workdir: str, model_cfg: LlamaConfig, make_task, loop_cfg, log=print):
+  """Train ``make_task()`` with the shared loop in ``workdir/stages/<name>`` (resuming a killed run) and write the
+  best parameters to ``workdir/models/<name>`` as a Hugging Face checkpoint; a finished stage is read back."""
   out = os.path.join(workdir, "models", name)
   if os.path.exists(os.path.join(out, "config.json")):
     return hf.load_tensors(out)
-  stage_cfg = cfg.copy_and_resolve_references()
-  with stage_cfg.unlocked():
-    stage_cfg.loop = loop_cfg
-  task = stage_task(model_cfg, mixture, tok, stage_cfg, init_tensors)
-  result = loop.train(task, loop_cfg, os.path.join(workdir, "stages", name), log=log)
+  result = loop.train(make_task(), loop_cfg, os.path.join(workdir, "stages", name), log=log)
   model = nnx.merge(result.graphdef, result.state["best_params"], result.state["rest"])
   tensors = model_to_tensors(model)
   hf.write_checkpoint(out, tensors, model_cfg.to_hf(), overwrite=True)
   log(f"stage {name}: best step {result.best_step}, val nll {result.metrics['val']['nll']:.4f} -> {out}")
   return tensors
+
+
+def train_stage(name: str, workdir: str, model_cfg: LlamaConfig, mixture: skills.Mixture, tok, cfg, loop_cfg,
+                init_tensors=None, log=print) -> dict[str, np.ndarray]:
+  """:func:`run_stage` of a language-model task on ``mixture`` (from ``init_tensors`` or from scratch)."""
+  make = lambda: stage_task(model_cfg, mixture, tok, with_loop(cfg, loop_cfg), init_tensors)
+  return run_stage(name, workdir, model_cfg, make, loop_cfg, log)
 
 
 def exact_match(model, tok, pairs, *, batch: int = 512) -> float:
